@@ -1,0 +1,192 @@
+"""Step-time estimator for one MoE layer under a placement. numpy only: the planner calls it in loops.
+
+A placement is given as matrices over [experts, devices]: `x` (replica present), `share`
+(fraction of the expert's tokens that replica serves) and `owner[e]` (device with the optimizer
+state). For device g in one training step:
+
+- compute: sum over its replicas of `a_g + b_g * tokens` (forward plus backward);
+- all-to-all: four phases (dispatch and combine, forward and backward); in each, a device's
+  time on a link class is the larger of what it sends and what it receives over that class,
+  bytes times seconds-per-byte, plus one latency per peer per phase;
+- replica sync: each non-owner replica sends its gradient to the owner and gets weights back.
+
+The layer's step time is the slowest device's total. Routing is local-first: a source whose
+own device holds a replica of the expert keeps as many of its tokens there as that replica's
+share allows; every other token goes to the replicas' remaining capacity in proportion.
+The runtime dispatches by the same rule (`route`), so estimate and reality agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cost_models.cluster import Cluster
+from cost_models.files import InputError
+
+A2A_PHASES = 4
+
+
+@dataclass
+class Breakdown:
+    """Per-device seconds (arrays over devices) of one layer's step."""
+
+    tokens: np.ndarray  # tokens computed on each device
+    compute: np.ndarray
+    a2a_send_intra: np.ndarray
+    a2a_recv_intra: np.ndarray
+    a2a_send_inter: np.ndarray
+    a2a_recv_inter: np.ndarray
+    a2a: np.ndarray  # what the all-to-all costs the device, latency included
+    sync: np.ndarray
+    total: np.ndarray
+
+    @property
+    def step_time(self) -> float:
+        return float(self.total.max())
+
+    @property
+    def straggler(self) -> int:
+        return int(self.total.argmax())
+
+    @property
+    def balance(self) -> float:
+        """Max over mean tokens per device (1.0 is perfect)."""
+        mean = self.tokens.mean()
+        return float(self.tokens.max() / mean) if mean > 0 else 1.0
+
+    def summary(self) -> dict:
+        g = self.straggler
+        return {"step_time_s": self.step_time, "balance": self.balance, "straggler": g,
+                "compute_s": float(self.compute[g]), "a2a_s": float(self.a2a[g]), "sync_s": float(self.sync[g])}
+
+
+def fold_sources(counts: np.ndarray, num_devices: int) -> np.ndarray:
+    """Map `counts[source, expert]` recorded on S sources onto G devices.
+
+    Source s covers the interval [s/S, (s+1)/S) and device g covers [g/G, (g+1)/G); each source's
+    tokens go to devices in proportion to the overlap. Identity when S == G; sums groups when G
+    divides S; splits evenly when S divides G.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    s = counts.shape[0]
+    if s == num_devices:
+        return counts
+    edges_s = np.arange(s + 1) / s
+    edges_g = np.arange(num_devices + 1) / num_devices
+    lo = np.maximum(edges_s[:-1, None], edges_g[None, :-1])
+    hi = np.minimum(edges_s[1:, None], edges_g[None, 1:])
+    weight = np.clip(hi - lo, 0, None) * s  # [S, G], rows sum to 1
+    return weight.T @ counts
+
+
+def route(counts: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Local-first routing. Returns (`local[e, g]`, tokens of source g kept on its own replica;
+    `remote[g, h]`, tokens source g sends to device h, all experts together, zero diagonal).
+
+    `counts[source, expert]` must already have one source per device (see `fold_sources`).
+    """
+    c = np.asarray(counts, dtype=np.float64).T  # [E, G]
+    demand = c.sum(axis=1, keepdims=True) * share  # tokens each replica must serve
+    local = np.minimum(c, demand)
+    rest = c - local
+    capacity = demand - local
+    total = capacity.sum(axis=1, keepdims=True)
+    frac = np.divide(capacity, total, out=np.zeros_like(capacity), where=total > 0)
+    remote = rest.T @ frac
+    np.fill_diagonal(remote, 0.0)
+    return local, remote
+
+
+def port_time(cluster: Cluster, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Send and receive seconds per device and link class for a [src, dst] bytes matrix:
+    (send_intra, recv_intra, send_inter, recv_inter)."""
+    t = nbytes * cluster.inv_beta
+    inter = cluster.inter_mask
+    t_intra, t_inter = np.where(inter, 0.0, t), np.where(inter, t, 0.0)
+    return t_intra.sum(axis=1), t_intra.sum(axis=0), t_inter.sum(axis=1), t_inter.sum(axis=0)
+
+
+def sync_bytes(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """[src, dst] bytes per step of replica synchronisation: gradient to the owner, weights back."""
+    onehot = np.zeros_like(x, dtype=np.float64)
+    onehot[np.arange(x.shape[0]), owner] = 1.0
+    followers = x & (onehot == 0)  # replicas that are not the owner
+    pairs = followers.astype(np.float64).T @ onehot  # [replica device, owner device]: expert count
+    return cluster.expert.param_bytes * (pairs + pairs.T)
+
+
+def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndarray,
+             owner: np.ndarray | None = None) -> Breakdown:
+    """Per-device breakdown of one layer's step. `counts[source, expert]` (any number of sources),
+    `x[e, g]` replicas, `share[e, g]` token shares, `owner[e]` (None: no replica sync cost)."""
+    num_devices = cluster.num_devices
+    x = np.asarray(x, dtype=bool)
+    share = np.asarray(share, dtype=np.float64)
+    if x.shape != share.shape or x.shape[1] != num_devices:
+        raise InputError(f"placement has shape {x.shape} / shares {share.shape}, the cluster has {num_devices} devices")
+    counts = fold_sources(counts, num_devices)
+    if counts.shape[1] != x.shape[0]:
+        raise InputError(f"loads have {counts.shape[1]} experts, the placement {x.shape[0]}")
+    totals = counts.sum(axis=0)
+    tokens_eg = totals[:, None] * share
+    tokens = tokens_eg.sum(axis=0)
+    compute = cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens
+    _, remote = route(counts, share)
+    a2a_bytes = cluster.expert.token_bytes * remote
+    si, ri, so, ro = port_time(cluster, a2a_bytes)
+    # Phases alternate direction (dispatch out, combine back), so each sees send and receive swapped.
+    si2, ri2, so2, ro2 = port_time(cluster, a2a_bytes.T)
+    half = A2A_PHASES / 2
+    latency = A2A_PHASES * cluster.alpha.sum(axis=1)
+    a2a = half * (np.maximum(si, ri) + np.maximum(si2, ri2) + np.maximum(so, ro) + np.maximum(so2, ro2)) + latency
+    if owner is None:
+        sync = np.zeros(num_devices)
+    else:
+        ssi, sri, sso, sro = port_time(cluster, sync_bytes(cluster, x, np.asarray(owner)))
+        sync = np.maximum(ssi, sri) + np.maximum(sso, sro)
+    return Breakdown(tokens, compute, half * (si + si2), half * (ri + ri2), half * (so + so2), half * (ro + ro2),
+                     a2a, sync, compute + a2a + sync)
+
+
+def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarray, new_x: np.ndarray,
+                        new_owner: np.ndarray) -> list[tuple[int, int, int, str, int]]:
+    """What a placement change moves: (expert, src, dst, 'weights' | 'optimizer', bytes).
+
+    A new replica copies weights from an existing replica on its own node if there is one, else
+    from the owner; a moved owner takes the optimizer state from the old owner.
+    """
+    nodes = cluster.node_of
+    out = []
+    for e, g in zip(*np.nonzero(new_x & ~old_x)):
+        holders = np.flatnonzero(old_x[e])
+        near = holders[nodes[holders] == nodes[g]]
+        src = int(near[0]) if len(near) else int(old_owner[e])
+        out.append((int(e), src, int(g), "weights", cluster.expert.param_bytes))
+    for e in np.flatnonzero(np.asarray(new_owner) != np.asarray(old_owner)):
+        out.append((int(e), int(old_owner[e]), int(new_owner[e]), "optimizer", cluster.expert.optimizer_bytes))
+    return out
+
+
+def migration_time(cluster: Cluster, transfers: list[tuple[int, int, int, str, int]]) -> float:
+    """Seconds to apply the transfers: the busiest device's send or receive over each link class,
+    plus a latency per transfer it takes part in."""
+    if not transfers:
+        return 0.0
+    n = cluster.num_devices
+    nbytes = np.zeros((n, n))
+    latency = np.zeros(n)
+    for _, src, dst, _, b in transfers:
+        nbytes[src, dst] += b
+        latency[[src, dst]] += cluster.alpha[src, dst]
+    si, ri, so, ro = port_time(cluster, nbytes)
+    return float((np.maximum(si, ri) + np.maximum(so, ro) + latency).max())
+
+
+def lower_bound(cluster: Cluster, counts: np.ndarray) -> float:
+    """Perfect balance, no communication: sum_g T/b_g >= tokens + (experts) * min_g a_g/b_g."""
+    counts = np.asarray(counts, dtype=np.float64)
+    tokens, experts = counts.sum(), counts.shape[1]
+    a, b = cluster.compute_a, cluster.compute_b
+    return float((tokens + experts * (a / b).min()) / (1.0 / b).sum())

@@ -1,0 +1,24 @@
+"""The `flexmoe` command. Each subcommand lives in `flexmoe/commands/` and stays thin."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cost_models.files import InputError
+from flexmoe.commands import cluster, trace
+
+app = typer.Typer(help="FlexMoE: profile a cluster, plan expert placement, train, compare policies.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(trace.app, name="trace")
+app.add_typer(cluster.app, name="cluster")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input becomes one message on stderr and exit status 2."""
+    try:
+        app(args=argv, prog_name="flexmoe")
+    except InputError as exc:
+        print(f"flexmoe: error: {exc}", file=sys.stderr)
+        sys.exit(2)
