@@ -80,15 +80,19 @@ _LOG_NAME = re.compile(r"table_iter(\d+)_rank(\d+)\.log$")
 
 def import_smartmoe(directory: str | os.PathLike, micro_batches: str = "sum", top_k: int = 2) -> Trace:
     """Read SmartMoE-AE `moe_trace` logs: `table_iter{I}_rank{R}.log`, one line per layer,
-    `LAYER:[[counts per expert] per micro-batch]` for source rank R at iteration I.
+    `LAYER:[[counts per expert] per micro-batch]` for source rank R at iteration I. An `.npz`
+    holding `counts[iteration, layer, source, micro_batch, expert]` (with `iters`, `layers`) is
+    read too: that is the converted excerpt in the team's shared traces.
 
     micro_batches="sum" gives one step per iteration; "split" gives one step per micro-batch.
     """
     if micro_batches not in ("sum", "split"):
         raise InputError(f"micro_batches must be 'sum' or 'split', got {micro_batches!r}")
     directory = Path(directory)
+    if directory.suffix == ".npz" and directory.is_file():
+        return _import_smartmoe_npz(directory, micro_batches, top_k)
     if not directory.is_dir():
-        raise InputError("not a directory", directory)
+        raise InputError("not a directory of logs or an .npz excerpt", directory)
     files: dict[tuple[int, int], Path] = {}
     for path in directory.iterdir():
         m = _LOG_NAME.match(path.name)
@@ -111,13 +115,43 @@ def import_smartmoe(directory: str | os.PathLike, micro_batches: str = "sum", to
     raw = np.zeros((len(iters), layers, len(ranks), mbs, experts), dtype=np.int64)
     for (i, r), table in tables.items():
         raw[iters.index(i), :, r] = table
+    return _from_micro_batches(raw, np.array(iters), np.arange(layers), micro_batches, top_k,
+                               f"smartmoe-ae:{directory.name}")
+
+
+def _from_micro_batches(raw: np.ndarray, iters: np.ndarray, layer_ids: np.ndarray, micro_batches: str,
+                        top_k: int, origin: str) -> Trace:
+    """raw[iteration, layer, source, micro_batch, expert] -> a trace, one step per iteration or per micro-batch."""
+    its, layers, sources, mbs, experts = raw.shape
     if micro_batches == "sum":
-        counts, step_ids = raw.sum(axis=3), np.array(iters)
+        counts, step_ids = raw.sum(axis=3), iters
     else:  # [iter, mb, layer, source, expert] -> one step per micro-batch
-        counts = raw.transpose(0, 3, 1, 2, 4).reshape(len(iters) * mbs, layers, len(ranks), experts)
-        step_ids = np.repeat(np.array(iters), mbs)
-    return Trace(counts, top_k, step_ids, np.arange(layers), f"smartmoe-ae:{directory.name}",
+        counts = raw.transpose(0, 3, 1, 2, 4).reshape(its * mbs, layers, sources, experts)
+        step_ids = np.repeat(iters, mbs)
+    return Trace(counts, top_k, step_ids, layer_ids, origin,
                  {"micro_batches": micro_batches, "micro_batches_per_iteration": mbs})
+
+
+def _import_smartmoe_npz(path: Path, micro_batches: str, top_k: int) -> Trace:
+    """The converted excerpt: counts[iteration, layer, source, micro_batch, expert], iters, layers."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"not a readable .npz: {exc}", path) from None
+    raw = arrays.get("counts")
+    if raw is None or raw.ndim != 5:
+        raise InputError("expected 'counts' of shape [iteration, layer, source, micro_batch, expert]", path)
+    its, layers = raw.shape[:2]
+    iters = arrays.get("iters", np.arange(its))
+    layer_ids = arrays.get("layers", np.arange(layers))
+    if iters.shape != (its,) or layer_ids.shape != (layers,):
+        raise InputError("'iters' and 'layers' must match the counts' first two axes", path)
+    try:
+        return _from_micro_batches(raw.astype(np.int64), iters, layer_ids, micro_batches, top_k,
+                                   f"smartmoe-ae:{path.name}")
+    except InputError as exc:
+        raise InputError(exc.problem, path) from None
 
 
 def _read_smartmoe_log(path: Path) -> np.ndarray:

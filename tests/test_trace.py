@@ -154,3 +154,14 @@ def test_imbalance_stats_by_hand():
     assert row["expert_max_over_mean"] == pytest.approx(6 / 3)
     # plain EP: device 0 holds experts 0, 1 (8 tokens), device 1 holds 2, 3 (4 tokens): 8 / 6.
     assert row["device_max_over_mean"] == pytest.approx(8 / 6)
+
+
+def test_smartmoe_npz_excerpt(tmp_path):
+    raw = np.random.default_rng(2).integers(0, 100, (3, 2, 4, 2, 5)).astype(np.uint16)
+    np.savez(tmp_path / "ex.npz", counts=raw, iters=np.array([1, 11, 21]), layers=np.array([0, 7]))
+    t = import_smartmoe(tmp_path / "ex.npz")
+    assert np.array_equal(t.counts, raw.sum(axis=3)) and t.layer_ids.tolist() == [0, 7]
+    assert t.step_ids.tolist() == [1, 11, 21]
+    np.savez(tmp_path / "bad.npz", counts=raw.sum(axis=3))
+    with pytest.raises(InputError, match="bad.npz: expected 'counts' of shape"):
+        import_smartmoe(tmp_path / "bad.npz")
