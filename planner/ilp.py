@@ -1,0 +1,320 @@
+"""The exact planner: a CP-SAT model of one layer's step, warm-started from the best heuristic plan.
+
+Variables: `x[e,g]` replica present, `y[e,g]` token blocks served (a block is 1/BLOCKS of the
+layer's tokens, so coefficients stay small), `l[e,g]` blocks kept local (local-first routing).
+Owners are the hint's (the current owner where it keeps a replica): with owners fixed, replica
+sync is exactly linear, and owner variables (with their big-M links) made the model several
+times larger and its bound weaker for little gain. Device time = compute + all-to-all + sync +
+latency, all linear:
+- compute `a_g * replicas + b_g * tokens`;
+- all-to-all: per link class, 4 x max(send, receive); a device receives `y - l` remote blocks,
+  split between classes by where the expert's other tokens come from, and sends `c - l`, split
+  by where the hint serves the expert (a constant: the destinations depend on the solution);
+- sync: each follower replica and its owner pay one replica's bytes over the link between them.
+Objective `interval * T + migration` (migration: the busiest receiver's new weights and moved
+optimizer state, against the current placement). The plan is then re-scored by the estimator;
+the model is a faithful linearisation, not the estimator itself, so if the estimator ranks the
+hint higher the hint is returned and `info` says so. Too large instances are decomposed: the
+hint's split of experts over nodes is kept and each node's devices are solved on their own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from cost_models.cluster import Cluster
+from cost_models.files import InputError
+from planner.baselines import eplb
+from planner.construct import mcnaughton
+from planner.greedy import greedy
+from planner.plan import LayerPlan
+from planner.score import clean_shares, objective, pick_owner
+
+BLOCKS = 1000  # token blocks per layer
+UNITS = 200_000  # time units in the lower bound: sets the rounding of time coefficients
+MAX_CELLS = 2048  # experts x devices above which a layer is decomposed by node
+OK = (cp_model.OPTIMAL, cp_model.FEASIBLE)
+
+
+class _Inst:
+    """One (sub)problem in integer units."""
+
+    def __init__(self, cluster: Cluster, devices, load, src, hint_share, cur_x, cur_owner, interval, inter_ok=True):
+        d = np.asarray(devices)
+        self.G, self.E = len(d), len(load)
+        self.interval = interval
+        a, b = cluster.compute_a[d], cluster.compute_b[d]
+        self.slots = cluster.slots[d]
+        self.node = cluster.node_of[d]
+        self.nodes = np.unique(self.node)
+        total = max(float(load.sum()), 1.0)
+        self.U = max(total / BLOCKS, 1e-9)  # tokens per block
+        lb = (total + self.E * (a / b).min()) / (1.0 / b).sum()
+        self.tau = lb / UNITS if lb > 0 else 1e-9  # seconds per time unit
+        q = lambda v: np.rint(np.asarray(v) / self.tau).astype(np.int64)
+        self.Lb = np.rint(load / self.U).astype(np.int64)
+        self.cb = np.minimum(np.rint(src / self.U).astype(np.int64), self.Lb[None, :])  # [G, E]
+        self.a_u, self.b_u = q(a), q(b * self.U)
+        inter = cluster.inter_mask[np.ix_(d, d)] if inter_ok else np.zeros((self.G, self.G), bool)
+        invb = cluster.inv_beta[np.ix_(d, d)]
+        intra = ~inter & ~np.eye(self.G, dtype=bool)
+        ci = invb[intra].mean() if intra.any() else 0.0
+        co = invb[inter].mean() if inter.any() else 0.0
+        tb, P = cluster.expert.token_bytes, cluster.expert.param_bytes
+        peer = (~inter & ~np.eye(self.G, dtype=bool)).astype(np.float64)
+        from_intra = (src.T @ peer)  # [E, G] tokens of e from same-node peers
+        others = np.maximum(load[:, None] - src.T, 0.0)
+        f_in = np.divide(from_intra, others, out=np.ones_like(from_intra), where=others > 0).clip(0, 1)
+        self.recv_i, self.recv_o = q(tb * self.U * ci * f_in), q(tb * self.U * co * (1 - f_in))
+        y = hint_share * load[:, None]
+        y_peer = y @ peer
+        y_else = y.sum(axis=1, keepdims=True) - y
+        t_in = np.divide(y_peer, y_else, out=np.ones_like(y), where=y_else > 0).clip(0, 1).T  # [G, E]
+        self.send_i, self.send_o = q(tb * self.U * ci * t_in), q(tb * self.U * co * (1 - t_in))
+        self.sync = q(P * invb)  # [G, G]: a follower on row, its owner on column
+        self.lat = q(4 * cluster.alpha[np.ix_(d, d)].sum(axis=1))
+        self.mig_new = np.zeros((self.E, self.G), dtype=np.int64)
+        self.mig_own = np.zeros((self.E, self.G), dtype=np.int64)
+        if cur_x is not None:
+            same = ~inter
+            for e in range(self.E):
+                near = (cur_x[e][None, :] & same).any(axis=1)
+                self.mig_new[e] = np.where(cur_x[e], 0, q(P * np.where(near, ci, co if co else ci)))
+                if 0 <= cur_owner[e] < self.G:
+                    self.mig_own[e] = q(cluster.expert.optimizer_bytes * invb[cur_owner[e]])
+                    self.mig_own[e, cur_owner[e]] = 0
+
+
+def _round_blocks(share, Lb):
+    """Integer blocks per replica that sum to Lb per expert (largest remainders)."""
+    raw = share * Lb[:, None]
+    y = np.floor(raw).astype(np.int64)
+    for e in range(len(Lb)):
+        short = int(Lb[e] - y[e].sum())
+        if short > 0:
+            frac = np.where(share[e] > 0, raw[e] - y[e], -1.0)
+            y[e, np.argsort(-frac, kind="stable")[:short]] += 1
+    return y
+
+
+def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed):
+    """Build, hint and solve the model; (status name, x, share, owner, objective, bound, info)."""
+    t_build = time.perf_counter()
+    m = cp_model.CpModel()
+    E, G = inst.E, inst.G
+    own = np.asarray(hint_owner)
+    x = [[m.NewBoolVar("") for _ in range(G)] for _ in range(E)]
+    y = [[m.NewIntVar(0, int(inst.Lb[e]), "") for _ in range(G)] for e in range(E)]
+    l = {}
+    for e in range(E):
+        m.Add(x[e][int(own[e])] == 1)  # owners are the hint's: its replica stays
+        m.Add(sum(y[e]) == int(inst.Lb[e]))
+        for g in range(G):
+            m.Add(y[e][g] <= int(inst.Lb[e]) * x[e][g])
+            if inst.cb[g, e] > 0:
+                l[e, g] = m.NewIntVar(0, int(inst.cb[g, e]), "")
+                m.Add(l[e, g] <= y[e][g])
+                m.Add(l[e, g] <= int(inst.cb[g, e]) * x[e][g])  # redundant, but tightens the LP bound
+    for g in range(G):
+        m.Add(sum(x[e][g] for e in range(E)) <= int(inst.slots[g]))
+    # replica sync with fixed owners is linear: a follower on g and its owner h each pay P/beta(g, h)
+    sync = [[] for _ in range(G)]
+    for e in range(E):
+        h = int(own[e])
+        for g in range(G):
+            if g != h and inst.sync[g, h] > 0:
+                sync[g].append(int(inst.sync[g, h]) * x[e][g])
+                sync[h].append(int(inst.sync[g, h]) * x[e][g])
+    per_block = int(max(inst.recv_i.max(), inst.recv_o.max(), inst.send_i.max(initial=0), inst.send_o.max(initial=0)))
+    hi = (int(inst.lat.max()) + int(inst.a_u.max()) * E + (int(inst.b_u.max()) + 8 * per_block) * int(inst.Lb.sum())
+          + 2 * int(inst.sync.max(initial=0)) * E * G + 1)
+    T = m.NewIntVar(0, hi, "T")
+    Ai = [m.NewIntVar(0, hi, "") for _ in range(G)]
+    Ao = [m.NewIntVar(0, hi, "") for _ in range(G)]
+    for g in range(G):
+        rem = [(e, y[e][g] - l[e, g] if (e, g) in l else y[e][g]) for e in range(E)]
+        sent = [(e, int(inst.cb[g, e]) - l[e, g]) for e in range(E) if (e, g) in l]
+        m.Add(Ai[g] >= sum(int(inst.recv_i[e, g]) * v for e, v in rem))
+        m.Add(Ao[g] >= sum(int(inst.recv_o[e, g]) * v for e, v in rem))
+        m.Add(Ai[g] >= sum(int(inst.send_i[g, e]) * v for e, v in sent))
+        m.Add(Ao[g] >= sum(int(inst.send_o[g, e]) * v for e, v in sent))
+        m.Add(T >= int(inst.a_u[g]) * sum(x[e][g] for e in range(E)) + int(inst.b_u[g]) * sum(y[e][g] for e in range(E))
+              + 4 * (Ai[g] + Ao[g]) + sum(sync[g]) + int(inst.lat[g]))
+    moved = np.zeros(G, dtype=np.int64)  # optimizer state moving to the hint's owners: a constant
+    np.add.at(moved, own, inst.mig_own[np.arange(E), own])
+    mig = m.NewIntVar(0, int(inst.mig_new.sum() + moved.sum()) + 1, "mig")
+    for g in range(G):
+        m.Add(mig >= sum(int(inst.mig_new[e, g]) * x[e][g] for e in range(E)) + int(moved[g]))
+    m.Minimize(inst.interval * T + mig)
+    # a complete hint: fix the plan's main variables in a copy, let the solver fill in the rest
+    hy = _round_blocks(hint_share, inst.Lb)
+    main = [(x[e][g], int(hint_x[e, g])) for e in range(E) for g in range(G)]
+    main += [(y[e][g], int(hy[e, g])) for e in range(E) for g in range(G)]
+    main += [(v, int(min(inst.cb[g, e], hy[e, g]))) for (e, g), v in l.items()]
+    fixed = m.clone()
+    for v, val in main:
+        fixed.Add(v == val)
+    reproducible = int(workers) == 1
+    fill = cp_model.CpSolver()
+    fill.parameters.num_workers = 1
+    fill.parameters.random_seed = int(seed)
+    _limit(fill.parameters, 0.2 * float(budget), reproducible)
+    hint_status = fill.Solve(fixed)
+    t_fill = fill.WallTime()
+    if hint_status in OK:
+        for i in range(len(m.Proto().variables)):
+            m.AddHint(m.GetIntVarFromProtoIndex(i), fill.Value(m.GetIntVarFromProtoIndex(i)))
+        hint_model = fill.ObjectiveValue() * inst.tau / inst.interval
+    else:
+        for v, val in main:
+            m.AddHint(v, val)
+        hint_model = None
+    if not reproducible:  # the wall-clock budget covers building and hinting the model
+        budget = max(float(budget) - t_fill - (time.perf_counter() - t_build), 1e-3)
+    solver = cp_model.CpSolver()
+    p = solver.parameters
+    p.num_workers = max(1, int(workers))
+    p.random_seed = int(seed)
+    _limit(p, float(budget), reproducible)
+    status = solver.Solve(m)
+    name = solver.StatusName(status)
+    spent = time.perf_counter() - t_build
+    if status not in OK:
+        return name, None, None, None, None, None, {"wall_s": spent, "hint_completed": hint_status in OK}
+    xs = np.array([[solver.Value(x[e][g]) for g in range(G)] for e in range(E)], dtype=bool)
+    ys = np.array([[solver.Value(y[e][g]) for g in range(G)] for e in range(E)], dtype=np.float64)
+    share = clean_shares(xs, ys / np.maximum(inst.Lb[:, None], 1))
+    scale = inst.tau / inst.interval
+    return (name, xs, share, own, solver.ObjectiveValue() * scale, solver.BestObjectiveBound() * scale,
+            {"wall_s": spent, "hint_model_s": hint_model,
+             "model_gap": _gap(solver.ObjectiveValue(), solver.BestObjectiveBound())})
+
+
+def _limit(params, seconds: float, reproducible: bool) -> None:
+    """A single worker stops on deterministic time (same seed, same plan), wall time being only a
+    safety net; several workers stop on wall time."""
+    seconds = max(seconds, 1e-4)
+    if reproducible:
+        params.max_deterministic_time = seconds
+        params.max_time_in_seconds = max(5.0 * seconds, 0.05)
+    else:
+        params.max_time_in_seconds = seconds
+
+
+def _gap(obj, bound):
+    return float(obj / bound - 1.0) if bound > 0 else 0.0
+
+
+def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
+    """Candidate warm starts, best first by the estimator: greedy, EPLB, wrap-around."""
+    load = counts.sum(axis=0)
+    gx, gs, go, ginfo = greedy(cluster, counts, current, interval=interval)
+    cands = [("greedy", gx, gs, go)]
+    ex, es = eplb(load, cluster.slots, cluster.node_of)
+    cands.append(("eplb", ex, es, pick_owner(cluster, ex, es, current)))
+    mx, ms = mcnaughton(cluster, load)
+    cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
+    scored = sorted(((objective(cluster, counts, x, s, o, current, interval), i) for i, (_, x, s, o) in
+                     enumerate(cands)))
+    return [(cands[i], obj) for obj, i in scored], ginfo
+
+
+def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, time_budget: float = 1.0,
+        workers: int = 1, seed: int = 0, interval: int = 50):
+    """(x, share, owner, info). Falls back to the greedy plan if the solver returns no solution."""
+    if not time_budget > 0:
+        raise InputError(f"the time budget must be positive seconds, got {time_budget}")
+    t0 = time.perf_counter()
+    ranked, ginfo = hints(cluster, counts, current, interval)
+    (hname, hx, hs, ho), hobj = ranked[0]
+    greedy_plan = next(c for c, _ in ranked if c[0] == "greedy")
+    # a single worker is the reproducible mode: its budget must not depend on the wall clock
+    left = time_budget if workers == 1 else max(time_budget - (time.perf_counter() - t0), 1e-3)
+    load = counts.sum(axis=0).astype(np.float64)
+    E, G = len(load), cluster.num_devices
+    cur_x = current.replicas() if current is not None else None
+    cur_owner = current.owner if current is not None else None
+    info = {"solver": "ilp", "hint": hname, "hint_objective": hobj, "time_budget": time_budget,
+            "workers": workers, "seed": seed}
+    if E * G <= MAX_CELLS or cluster.num_nodes == 1:
+        inst = _Inst(cluster, np.arange(G), load, counts, hs, cur_x, cur_owner, interval)
+        status, x, share, owner, obj, bound, extra = _solve(inst, hx, hs, ho, left, workers, seed)
+        info.update(status=status.lower(), decomposed=False, **extra)
+        if x is not None:
+            info.update(model_objective_s=obj, bound_s=bound)
+    else:
+        status, x, share, owner, extra = _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval,
+                                                  left, workers, seed)
+        info.update(status=status, decomposed=True, **extra)
+    if x is None and info.get("hint_completed"):  # no better solution in time; the hint stands
+        info.update(returned="hint")
+        return hx, hs, ho, info
+    if x is None:  # nothing in time, or a solver failure: the greedy plan, saying so
+        _, gx, gs, go = greedy_plan
+        info.update(fallback=True, returned="greedy")
+        return gx, gs, go, info
+    if owner is None or (current is not None):
+        owner = _keep_owner(cluster, x, share, owner, current)
+    obj = objective(cluster, counts, x, share, owner, current, interval)
+    if obj > hobj:
+        info.update(returned="hint", ilp_objective=obj)
+        return hx, hs, ho, info
+    info.update(returned="ilp")
+    return x, share, owner, info
+
+
+def _keep_owner(cluster, x, share, owner, current):
+    """The model's owner, unless the current owner still holds a replica (cheaper to keep)."""
+    if owner is None:
+        return pick_owner(cluster, x, share, current)
+    owner = owner.copy()
+    if current is not None:
+        keep = x[np.arange(len(owner)), current.owner]
+        owner[keep] = current.owner[keep]
+    return owner
+
+
+def _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval, budget, workers, seed):
+    """Nodes then devices: keep the hint's share of each expert per node, re-solve each node."""
+    nodes = np.unique(cluster.node_of)
+    x = np.zeros_like(hx)
+    share = np.zeros_like(hs)
+    statuses, gaps, wall = [], [], 0.0
+    for k, n in enumerate(nodes):
+        devs = np.flatnonzero(cluster.node_of == n)
+        ns = hs[:, devs].sum(axis=1)  # the node's share of each expert
+        experts = np.flatnonzero(hx[:, devs].any(axis=1))
+        if not len(experts):
+            continue
+        sub_load = load[experts] * ns[experts]
+        sub_src = np.minimum(counts[np.ix_(devs, experts)], sub_load[None, :])
+        sub_hs = hs[np.ix_(experts, devs)] / np.maximum(ns[experts, None], 1e-300)
+        sub_hs = clean_shares(hx[np.ix_(experts, devs)], sub_hs)
+        sub_cx = cur_x[np.ix_(experts, devs)] if cur_x is not None else None
+        sub_co = None
+        if cur_owner is not None:
+            pos = {int(g): i for i, g in enumerate(devs)}
+            sub_co = np.array([pos.get(int(cur_owner[e]), -1) for e in experts])
+        sub_ho = np.array([int(np.argmax(sub_hs[i])) for i in range(len(experts))])
+        inst = _Inst(cluster, devs, sub_load, sub_src, sub_hs, sub_cx, sub_co, interval, inter_ok=False)
+        st, sx, ss, so, _, _, extra = _solve(inst, hx[np.ix_(experts, devs)], sub_hs, sub_ho,
+                                             budget / (len(nodes) - k if workers != 1 else len(nodes)),
+                                             workers, seed)
+        statuses.append(st.lower())
+        wall += extra["wall_s"]
+        if workers != 1:
+            budget -= extra["wall_s"]
+        if sx is None:
+            sx, ss = hx[np.ix_(experts, devs)], sub_hs
+        else:
+            gaps.append(extra["model_gap"])
+        x[np.ix_(experts, devs)] = sx
+        share[np.ix_(experts, devs)] = ss * ns[experts, None]
+    worst = next((s for s in ("unknown", "model_invalid", "infeasible", "feasible") if s in statuses), "optimal")
+    if statuses and all(s not in ("optimal", "feasible") for s in statuses):
+        return worst, None, None, None, {"wall_s": wall, "hint_completed": True}
+    return worst, x, clean_shares(x, share), None, {"wall_s": wall, "model_gap": max(gaps, default=0.0),
+                                                    "nodes": len(nodes)}

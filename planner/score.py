@@ -1,0 +1,113 @@
+"""Input checks and the estimator's verdict on a placement, shared by every solver.
+
+Solvers search with their own cheap models; the numbers a plan reports always come from
+`cost_models.estimator`, computed here, so that solvers are compared on one scale.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cost_models.cluster import Cluster
+from cost_models.estimator import estimate, fold_sources, lower_bound, migration_time, migration_transfers
+from cost_models.files import InputError
+from planner.plan import LayerPlan
+
+EPS = 1e-12
+
+
+def check_inputs(cluster: Cluster, counts, current: LayerPlan | None, solver: str, interval: int) -> np.ndarray:
+    from planner.solve import SOLVERS
+    if solver not in SOLVERS:
+        raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise InputError(f"loads must be 2-D [source, expert], got shape {counts.shape}")
+    if 0 in counts.shape:
+        raise InputError(f"loads are empty (shape {counts.shape})")
+    if not np.issubdtype(counts.dtype, np.number) or not np.isfinite(counts).all() or (counts < 0).any():
+        raise InputError("loads must be finite, non-negative token counts")
+    if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
+        raise InputError(f"the re-plan interval must be a whole number of steps >= 1, got {interval!r}")
+    cluster.check_fits(counts.shape[1])
+    if current is not None:
+        if current.num_experts != counts.shape[1]:
+            raise InputError(f"the current plan has {current.num_experts} experts, the loads {counts.shape[1]}")
+        if current.num_devices != cluster.num_devices:
+            raise InputError(f"the current plan has {current.num_devices} devices, the cluster "
+                             f"{cluster.num_devices}")
+        current.validate(cluster.slots, "current plan")
+    return fold_sources(counts, cluster.num_devices)
+
+
+def migration_s(cluster: Cluster, current: LayerPlan | None, x, owner, interval: int) -> float:
+    """Seconds of migration per step, amortised over the steps the plan is expected to stay."""
+    if current is None:
+        return 0.0
+    t = migration_transfers(cluster, current.replicas(), current.owner, np.asarray(x, bool), np.asarray(owner))
+    return migration_time(cluster, t) / interval
+
+
+def objective(cluster: Cluster, counts, x, share, owner, current, interval) -> float:
+    """Estimated step time plus amortised migration: what every solver is judged by."""
+    return estimate(cluster, counts, x, share, owner).step_time + migration_s(cluster, current, x, owner, interval)
+
+
+def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: LayerPlan | None) -> np.ndarray:
+    """Keep the current owner where it still holds a replica (moving optimizer state is the
+    dearest transfer); otherwise the replica with the most replicas of its expert on its node
+    (sync stays intra-node), then the largest share."""
+    x = np.asarray(x, bool)
+    node = cluster.node_of
+    owner = np.zeros(x.shape[0], dtype=np.int64)
+    todo = np.ones(x.shape[0], dtype=bool)
+    if current is not None:
+        keep = x[np.arange(x.shape[0]), current.owner]
+        owner[keep], todo = current.owner[keep], ~keep
+    onehot = np.eye(int(node.max()) + 1)[node]  # [G, nodes]
+    same = (x @ onehot)[:, node]  # replicas of each expert on each device's node
+    key = np.where(x, same * 10.0 + share, -np.inf)
+    owner[todo] = np.argmax(key[todo], axis=1)
+    return owner
+
+
+def even_shares(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, bool)
+    r = x.sum(axis=1, keepdims=True)
+    return np.where(x, 1.0 / np.maximum(r, 1), 0.0)
+
+
+def clean_shares(x: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """Shares on replicas only, non-negative, summing to exactly 1 per expert (even if all zero)."""
+    x = np.asarray(x, bool)
+    s = np.where(x, np.clip(np.nan_to_num(share), 0.0, None), 0.0)
+    tot = s.sum(axis=1, keepdims=True)
+    return np.where(tot > EPS, s / np.maximum(tot, EPS), even_shares(x))
+
+
+def finish(cluster: Cluster, counts, x, share, owner, current, interval, layer_id, info) -> LayerPlan:
+    """Turn a solver's matrices into a validated LayerPlan whose info holds the estimator's numbers."""
+    t0 = time.perf_counter()
+    x = np.asarray(x, bool)
+    share = clean_shares(x, share)
+    if owner is None:
+        owner = pick_owner(cluster, x, share, current)
+    est = estimate(cluster, counts, x, share, owner)
+    mig = migration_s(cluster, current, x, owner, interval)
+    lb = lower_bound(cluster, counts)
+    obj = est.step_time + mig
+    info = dict(info)
+    # a solver's proven bound is for its own model; it counts only where it does not exceed
+    # the estimator's objective (the model linearises the estimator, it is not the estimator)
+    model_bound = info.pop("bound_s", None)
+    bound = max(lb, model_bound) if model_bound is not None and model_bound <= obj else lb
+    info.update(objective=obj, step_time_s=est.step_time, migration_s=mig, lower_bound=lb,
+                gap=obj / bound - 1.0 if bound > 0 else 0.0, balance=est.balance, proven_bound_s=bound)
+    info.setdefault("status", "heuristic")
+    info.setdefault("fallback", False)
+    info["solve_time_s"] = float(info.get("solve_time_s", 0.0)) + (time.perf_counter() - t0)
+    lp = LayerPlan.from_matrices(x, share, owner, int(cluster.slots.max()), layer_id, info)
+    lp.validate(cluster.slots, f"layer {layer_id}")
+    return lp

@@ -1,0 +1,93 @@
+"""Planner entry points: one layer (`plan_layer`), a whole model (`make_plan`), load prediction.
+
+Every solver returns a placement; this module scores it with the estimator so that every plan's
+`info` carries numbers from the one cost model, whichever solver made it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cost_models.cluster import Cluster
+from cost_models.files import InputError
+from planner.plan import LayerPlan, Plan, static_layer
+
+SOLVERS = ("static", "greedy", "ilp", "eplb", "shadow", "capacity")
+PREDICTORS = ("last", "mean", "ema")
+
+
+def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, solver: str = "greedy",
+               time_budget: float = 1.0, workers: int = 1, seed: int = 0, interval: int = 50,
+               layer_id: int = 0) -> LayerPlan:
+    """Plan one layer for `counts[source, expert]`; `info` holds the estimator's view of the result."""
+    from planner import score
+    counts = score.check_inputs(cluster, counts, current, solver, interval)
+    t0 = time.perf_counter()
+    num_experts = counts.shape[1]
+    if solver == "static":
+        lp = static_layer(num_experts, cluster.slots, layer_id)
+        x, sh, own = lp.replicas(), lp.shares(), lp.owner
+        info = {"solver": "static", "status": "constructed"}
+    elif solver == "greedy":
+        from planner.greedy import greedy
+        x, sh, own, info = greedy(cluster, counts, current, interval=interval)
+    elif solver == "ilp":
+        from planner.ilp import ilp
+        x, sh, own, info = ilp(cluster, counts, current, time_budget=time_budget, workers=workers, seed=seed,
+                               interval=interval)
+    else:
+        from planner import baselines
+        x, sh, own, info = baselines.run(solver, cluster, counts, current, interval)
+    info["solve_time_s"] = time.perf_counter() - t0
+    return score.finish(cluster, counts, x, sh, own, current, interval, layer_id, info)
+
+
+def make_plan(cluster: Cluster, loads: np.ndarray, current: Plan | None = None, **kw) -> Plan:
+    """Plan every layer of `loads[layer, source, expert]`, each against its layer in `current`."""
+    loads = np.asarray(loads)
+    if loads.ndim != 3:
+        raise InputError(f"loads must be 3-D [layer, source, expert], got shape {loads.shape}")
+    if loads.shape[0] == 0:
+        raise InputError("loads hold no layer")
+    if current is not None:
+        if len(current.layers) != loads.shape[0]:
+            raise InputError(f"the current plan has {len(current.layers)} layers, the loads {loads.shape[0]}")
+        if current.num_experts != loads.shape[2]:
+            raise InputError(f"the current plan has {current.num_experts} experts, the loads {loads.shape[2]}")
+    layer_ids = kw.pop("layer_ids", None)
+    layers = []
+    for i in range(loads.shape[0]):
+        cur = current.layers[i] if current is not None else None
+        lid = int(layer_ids[i]) if layer_ids is not None else i
+        layers.append(plan_layer(cluster, loads[i], cur, layer_id=lid, **kw))
+    info = {"solver": kw.get("solver", "greedy"), "layers": len(layers),
+            "step_time_s": float(sum(l.info["step_time_s"] for l in layers)),
+            "migration_s": float(sum(l.info["migration_s"] for l in layers)),
+            "lower_bound": float(sum(l.info["lower_bound"] for l in layers)),
+            "solve_time_s": float(sum(l.info["solve_time_s"] for l in layers))}
+    return Plan(loads.shape[2], cluster.slots.copy(), layers, info).validate()
+
+
+def predict(history: np.ndarray, predictor: str = "last", window: int = 8, ema: float = 0.5) -> np.ndarray:
+    """Next step's `[layer, source, expert]` loads from `history[step, layer, source, expert]`.
+
+    `mean` averages the last `window` steps; `ema` weighs step t by ema*(1-ema)^(age)."""
+    h = np.asarray(history, dtype=np.float64)
+    if h.ndim != 4 or h.shape[0] == 0:
+        raise InputError(f"history must be 4-D [step, layer, source, expert] with a step, got shape {h.shape}")
+    if predictor == "last":
+        return h[-1]
+    if predictor == "mean":
+        if window < 1:
+            raise InputError(f"the moving-average window must be >= 1, got {window}")
+        return h[-window:].mean(axis=0)
+    if predictor == "ema":
+        if not 0 < ema <= 1:
+            raise InputError(f"the EMA weight must be in (0, 1], got {ema}")
+        out = h[0].copy()
+        for step in h[1:]:
+            out = ema * step + (1 - ema) * out
+        return out
+    raise InputError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+from flexmoe.cli import main
+from planner.plan import Plan
+from planner.trace import Trace
+from tests.planner_helpers import make_cluster, spread
+
+
+@pytest.fixture
+def files(tmp_path):
+    c = make_cluster(nodes=2, per_node=2, slots=3, a=1e-5, fast=False)
+    c.save(tmp_path / "cluster.json")
+    counts = np.stack([np.stack([spread([400, 100, 50, 30, 20, 900], 4, seed=10 * s + l) for l in range(2)])
+                       for s in range(4)])
+    Trace(counts, top_k=1).save(tmp_path / "trace.npz")
+    return tmp_path
+
+
+def run(*args):
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return exc.value.code
+
+
+def test_plan_writes_a_plan_and_prints_a_summary(files, capsys):
+    out = files / "plan.json"
+    assert run("plan", "-c", str(files / "cluster.json"), "-t", str(files / "trace.npz"), "-o", str(out),
+               "--solver", "greedy", "--steps", "1:3", "--predictor", "mean", "--layers", "1") == 0
+    p = Plan.load(out)
+    assert len(p.layers) == 1 and p.layers[0].layer_id == 1
+    text = capsys.readouterr().out
+    assert "balance" in text and "moves:" in text
+    out2 = files / "plan2.json"
+    assert run("plan", "-c", str(files / "cluster.json"), "-t", str(files / "trace.npz"), "-o", str(out2),
+               "--solver", "ilp", "--time-budget", "0.2", "--current", str(out), "--layers", "1") == 0
+    assert Plan.load(out2).layers[0].info["solver"] == "ilp"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--solver", "nope"], "unknown --solver"),
+    (["--steps", "9:12"], "selects no step"),
+    (["--steps", "x"], "A:B"),
+    (["--layers", "5"], "--layers"),
+    (["--predictor", "crystal"], "unknown predictor"),
+    (["--time-budget", "0"], "--time-budget"),
+])
+def test_bad_options_exit_2_without_a_file(files, capsys, extra, message):
+    out = files / "bad.json"
+    code = run("plan", "-c", str(files / "cluster.json"), "-t", str(files / "trace.npz"), "-o", str(out), *extra)
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_mismatched_current_plan_is_rejected(files, capsys):
+    out = files / "plan.json"
+    assert run("plan", "-c", str(files / "cluster.json"), "-t", str(files / "trace.npz"), "-o", str(out),
+               "--solver", "static") == 0
+    code = run("plan", "-c", str(files / "cluster.json"), "-t", str(files / "trace.npz"), "-o",
+               str(files / "x.json"), "--current", str(out), "--layers", "0")
+    assert code == 2 and "layers" in capsys.readouterr().err
+    assert json.loads(out.read_text())["schema"] == "flexmoe.plan/1"

@@ -1,0 +1,91 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from planner import ilp as ilp_mod
+from planner.solve import plan_layer
+from tests.planner_helpers import make_cluster, spread
+
+
+def best_makespan(load, slots, a, b):
+    """Brute force: every placement, each with its best splittable shares. With identical devices
+    and free communication, a placement's best makespan is the worst over device subsets D of
+    (work that must run inside D) / |D| (max-flow min-cut)."""
+    E, G = len(load), len(slots)
+    cells = [(e, g) for e in range(E) for g in range(G)]
+    best = np.inf
+    for bits in itertools.product([0, 1], repeat=len(cells)):
+        x = np.array(bits, dtype=bool).reshape(E, G)
+        if not x.any(axis=1).all() or (x.sum(axis=0) > slots).any():
+            continue
+        t = 0.0
+        for r in range(1, G + 1):
+            for D in itertools.combinations(range(G), r):
+                inside = x[:, list(D)].sum(axis=1) == x.sum(axis=1)
+                work = a * x[:, list(D)].sum() + b * load[inside].sum()
+                t = max(t, work / r)
+        best = min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("load, G, slots", [
+    ([700, 100, 100, 100], 3, 2),
+    ([500, 400, 50, 50], 3, 2),
+    ([300, 300, 300], 2, 2),
+    ([900, 10, 10, 80], 3, 1 + 1),
+    ([100, 100], 3, 1),
+])
+def test_ilp_matches_brute_force_on_tiny_instances(load, G, slots):
+    a, b = 2e-5, 1e-6
+    c = make_cluster(per_node=G, slots=slots, a=a, b=b)
+    counts = spread(load, G)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=2.0, workers=1)
+    opt = best_makespan(np.array(load, float), c.slots, a, b)
+    assert lp.info["step_time_s"] <= opt * 1.01  # token blocks of 1/1000 of the load
+    assert lp.info["step_time_s"] >= opt * (1 - 1e-9)
+
+
+def test_ilp_is_never_worse_than_its_hint():
+    c = make_cluster(nodes=2, per_node=3, slots=2, a=1e-5, fast=False)
+    counts = spread([900, 50, 300, 10, 10, 700, 40, 5], 6, seed=2)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=0.5, workers=1)
+    assert lp.info["objective"] <= lp.info["hint_objective"] * (1 + 1e-9)
+    assert lp.info["returned"] in ("ilp", "hint")
+
+
+def test_single_worker_fixed_seed_is_reproducible():
+    c = make_cluster(nodes=2, per_node=2, slots=3, a=1e-5, fast=False)
+    counts = spread([500, 300, 200, 100, 50, 20], 4, seed=5)
+    a = plan_layer(c, counts, solver="ilp", time_budget=0.3, workers=1, seed=7)
+    b = plan_layer(c, counts, solver="ilp", time_budget=0.3, workers=1, seed=7)
+    assert np.array_equal(a.assign, b.assign) and np.allclose(a.share, b.share)
+
+
+def test_solver_failure_returns_the_greedy_plan_and_says_so(monkeypatch):
+    c = make_cluster(nodes=1, per_node=3, slots=2, a=1e-5, fast=False)
+    counts = spread([500, 300, 200, 100], 3)
+    monkeypatch.setattr(ilp_mod, "_solve", lambda *a, **k: ("UNKNOWN", None, None, None, None, None, {"wall_s": 0}))
+    lp = plan_layer(c, counts, solver="ilp", time_budget=0.1)
+    greedy = plan_layer(c, counts, solver="greedy")
+    assert lp.info["fallback"] is True and lp.info["returned"] == "greedy"
+    assert np.array_equal(lp.assign, greedy.assign)
+
+
+def test_tiny_budget_still_gives_a_valid_plan():
+    c = make_cluster(nodes=2, per_node=4, slots=3, a=1e-5, fast=False)
+    counts = spread(np.arange(1, 17) ** 2 * 10, 8)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=1e-4, workers=1)
+    lp.validate(c.slots)
+    assert lp.info["fallback"] or lp.info["status"] in ("optimal", "feasible") or lp.info["returned"] == "hint"
+    assert lp.info["objective"] <= plan_layer(c, counts, solver="greedy").info["objective"] * (1 + 1e-9)
+
+
+def test_large_instances_are_decomposed_by_node(monkeypatch):
+    monkeypatch.setattr(ilp_mod, "MAX_CELLS", 16)
+    c = make_cluster(nodes=2, per_node=3, slots=3, a=1e-5, fast=False)
+    counts = spread([900, 50, 300, 10, 10, 700, 40, 5, 300], 6, seed=4)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=0.5, workers=1)
+    lp.validate(c.slots)
+    assert lp.info["decomposed"] is True
+    assert lp.info["objective"] <= lp.info["hint_objective"] * (1 + 1e-9)

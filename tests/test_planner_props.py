@@ -1,0 +1,45 @@
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from planner.plan import static_layer
+from planner.solve import SOLVERS, plan_layer
+from tests.planner_helpers import make_cluster
+
+
+@st.composite
+def instances(draw):
+    nodes = draw(st.integers(1, 2))
+    per_node = draw(st.integers(1, 3))
+    slots = draw(st.integers(1, 3))
+    G = nodes * per_node
+    E = draw(st.integers(1, G * slots))
+    S = draw(st.integers(1, 4))
+    counts = np.array(draw(st.lists(st.integers(0, 5000), min_size=S * E, max_size=S * E))).reshape(S, E)
+    fast = draw(st.booleans())
+    return make_cluster(nodes, per_node, slots, a=draw(st.sampled_from([0.0, 1e-5])), fast=fast), counts
+
+
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(instances(), st.sampled_from([s for s in SOLVERS if s != "ilp"]), st.booleans())
+def test_any_valid_input_gives_a_valid_plan(inst, solver, with_current):
+    c, counts = inst
+    cur = static_layer(counts.shape[1], c.slots) if with_current else None
+    lp = plan_layer(c, counts, cur, solver=solver)
+    lp.validate(c.slots)
+    assert np.isfinite(lp.info["objective"]) and lp.info["objective"] >= lp.info["lower_bound"] * (1 - 1e-9)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(), st.sampled_from([1e-4, 0.05]))
+def test_ilp_valid_never_worse_than_hint_and_fallback_works(inst, budget):
+    c, counts = inst
+    lp = plan_layer(c, counts, solver="ilp", time_budget=budget, workers=1)
+    lp.validate(c.slots)
+    if lp.info["fallback"]:
+        assert lp.info["returned"] == "greedy"
+    else:
+        assert lp.info["objective"] <= lp.info["hint_objective"] * (1 + 1e-9)
