@@ -7,13 +7,14 @@ import sys
 import typer
 
 from cost_models.files import InputError
-from flexmoe.commands import cluster, plan, trace
+from flexmoe.commands import cluster, compare, plan, trace
 
 app = typer.Typer(help="FlexMoE: profile a cluster, plan expert placement, train, compare policies.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(trace.app, name="trace")
 app.add_typer(cluster.app, name="cluster")
 app.command("plan")(plan.plan)
+app.command("compare")(compare.compare_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
