@@ -1,0 +1,88 @@
+"""`flexmoe train`: train the MoE GPT with live expert re-placement (local gloo ranks or torchrun)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cost_models.files import InputError
+
+Opt = typer.Option
+
+
+def train_cmd(
+    world_size: Annotated[int, Opt("--world-size", help="local gloo processes to spawn (ignored under torchrun)")] = 2,
+    steps: Annotated[int, Opt(help="training steps")] = 200,
+    batch: Annotated[int, Opt(help="sequences per rank per step")] = 8,
+    seq_len: Annotated[int, Opt(help="tokens per sequence")] = 64,
+    d_model: Annotated[int, Opt(help="model width")] = 64,
+    layers: Annotated[int, Opt(help="transformer blocks (each with an MoE layer)")] = 2,
+    heads: Annotated[int, Opt(help="attention heads")] = 4,
+    d_ff: Annotated[int, Opt(help="expert hidden size")] = 256,
+    experts: Annotated[int, Opt(help="experts per MoE layer")] = 8,
+    top_k: Annotated[int, Opt(help="experts per token")] = 2,
+    aux_coef: Annotated[float, Opt(help="load-balancing auxiliary loss coefficient")] = 0.01,
+    router_skew: Annotated[float, Opt(help="fixed router bias towards low expert ids (benchmarking skew)")] = 0.0,
+    lr: Annotated[float, Opt(help="AdamW learning rate")] = 3e-3,
+    seed: Annotated[int, Opt(help="seed for weights and data")] = 0,
+    data: Annotated[Optional[Path], Opt(help="a text file (default: the Python standard library's sources)")] = None,
+    slots: Annotated[int, Opt(help="expert slots per rank (0: one spare beyond an even split)")] = 0,
+    policy: Annotated[str, Opt(help="static | dynamic (monitor, trigger, re-plan) | random (tests)")] = "dynamic",
+    solver: Annotated[str, Opt(help="planner: greedy | ilp | eplb | ...")] = "greedy",
+    interval: Annotated[int, Opt(help="steps between re-plans (also the amortisation window)")] = 50,
+    threshold: Annotated[float, Opt(help="re-plan early when the balance ratio exceeds this")] = 1.2,
+    time_budget: Annotated[float, Opt(help="solver time budget, seconds")] = 1.0,
+    plan: Annotated[Optional[Path], Opt(help="initial plan.json (default: static expert parallelism)")] = None,
+    cluster: Annotated[Optional[Path], Opt(help="cluster.json for the planner (default: local-cpu preset)")] = None,
+    trace_out: Annotated[Optional[Path], Opt(help="write the routing seen: counts[step, layer, rank, expert]")] = None,
+    checkpoint: Annotated[Optional[Path], Opt(help="checkpoint file (weights, optimizer state, placement)")] = None,
+    checkpoint_every: Annotated[int, Opt(help="steps between checkpoints (0: only at the end)")] = 0,
+    resume: Annotated[Optional[Path], Opt(help="resume from this checkpoint")] = None,
+    threads: Annotated[int, Opt(help="torch threads per rank")] = 1,
+    timeout: Annotated[float, Opt(help="give up on the whole run after this many seconds")] = 86400.0,
+    progress: Annotated[bool, Opt(help="progress bar on rank 0")] = True,
+) -> None:
+    """Train an MoE GPT; experts are re-placed live by the chosen policy."""
+    from runtime.launch import run_torchrun, spawn, under_torchrun
+    from runtime.model import ModelConfig
+    from runtime.trainer import TrainConfig
+
+    if world_size < 1:
+        raise InputError(f"--world-size must be >= 1, got {world_size}")
+    if solver not in ("static", "greedy", "ilp", "eplb", "shadow", "capacity"):
+        raise InputError(f"unknown solver {solver!r}")
+    for p, what in ((plan, "plan"), (cluster, "cluster"), (resume, "checkpoint"), (data, "text")):
+        if p is not None and not p.is_file():
+            raise InputError(f"no such {what} file", p)
+    cfg = TrainConfig(
+        ModelConfig(d_model, layers, heads, d_ff, experts, top_k, seq_len, aux_coef, router_skew),
+        steps=steps, batch=batch, lr=lr, seed=seed, data=str(data) if data else None, slots=slots, policy=policy,
+        solver=solver, interval=interval, threshold=threshold, time_budget=time_budget,
+        plan=str(plan) if plan else None, cluster=str(cluster) if cluster else None,
+        trace_out=str(trace_out) if trace_out else None, checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint_every=checkpoint_every, resume=str(resume) if resume else None, progress=progress)
+    if under_torchrun():
+        cfg.check(1)
+        run_torchrun(cfg)
+        if int(os.environ["RANK"]) != 0:
+            return
+    else:
+        # Validate here so bad input fails before any process starts.
+        from runtime.trainer import initial_plan
+        cfg.check(world_size)
+        if plan is not None:
+            initial_plan(cfg, world_size)
+        if resume is not None:
+            from runtime import checkpoint as ckpt
+            ckpt.load(resume, cfg.model.to_dict())
+        if data is not None:
+            from runtime.data import load_corpus
+            load_corpus(str(data))
+        spawn(cfg, world_size, threads=threads, timeout=timeout)
+    if trace_out:
+        typer.echo(f"wrote {trace_out}")
+    if checkpoint:
+        typer.echo(f"wrote {checkpoint}")

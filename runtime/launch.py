@@ -1,0 +1,79 @@
+"""Start training: `world` gloo processes on this machine, or one rank of a torchrun job.
+
+Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) the backend is NCCL when CUDA is present, else
+gloo; otherwise we spawn local gloo processes on 127.0.0.1 with a free port. Children are always
+torn down: a failed or hung rank must not leave the others waiting forever.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from runtime.trainer import TrainConfig, train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
+def _worker(rank: int, world: int, port: int, cfg: TrainConfig, threads: int, pg_timeout: float) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=pg_timeout))
+    try:
+        train(rank, world, cfg)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(cfg: TrainConfig, world: int, *, threads: int = 1, timeout: float = 3600.0,
+          pg_timeout: float = 120.0) -> None:
+    """Run `world` local ranks; raise if any fails or the whole run exceeds `timeout` seconds."""
+    cfg.check(world)
+    if world == 1:
+        torch.set_num_threads(threads)
+        train(0, 1, cfg)
+        return
+    ctx = mp.start_processes(_worker, args=(world, free_port(), cfg, threads, pg_timeout), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"training did not finish within {timeout:g} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ctx.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+
+def run_torchrun(cfg: TrainConfig) -> None:
+    """One rank of a torchrun job; NCCL on GPUs (one per local rank), gloo otherwise."""
+    cuda = torch.cuda.is_available()
+    device = None
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        train(dist.get_rank(), dist.get_world_size(), cfg, device=device)
+    finally:
+        dist.destroy_process_group()

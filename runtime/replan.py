@@ -1,0 +1,285 @@
+"""Live re-placement: trigger, background planning, the commit protocol, migration, faults.
+
+Protocol (deterministic on every rank):
+1. After each step rank 0 feeds the monitor's smoothed counts to the trigger (interval or
+   imbalance threshold); a trigger starts planning in a background thread, off the critical path.
+2. At the start of every step all ranks join one small broadcast from rank 0: empty, or a
+   finished plan with its sequence number. Every rank validates it the same way; a plan that
+   fails validation is dropped everywhere and the current placement stays.
+3. An accepted plan commits at the end of that step (the broadcast names it). Its transfers start
+   at once and overlap the step's forward and backward: moving owners' moments go point-to-point
+   (isend/irecv, one message per tensor, no packing).
+4. After backward every rank waits for its transfers (with a timeout); failures are counted in
+   the dense all-reduce that happens anyway, so all ranks agree. On any failure the plan is
+   dropped and training goes on under the current placement.
+5. Otherwise the step's weight exchange also serves the new replicas (they receive the updated
+   weights) and sends moving owners' summed gradients to their new homes, which replay them onto
+   the prefetched moments; at the step boundary every rank switches to the new plan (in place:
+   only slots whose expert changes are written).
+
+New replicas need only weights, and weights change every step, so a copy fetched earlier would be
+stale: they ride the step's bucketed weight exchange instead (DESIGN.md, "Owners"). Moments are
+the large part (twice the weights) and are what the asynchronous prefetch moves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cost_models.files import InputError
+from planner.plan import LayerPlan, Plan
+from runtime.monitor import balance
+
+POLICIES = ("static", "dynamic", "random")
+
+
+@dataclass
+class Faults:
+    """Injected failures, by plan sequence number (1 is the first plan broadcast)."""
+
+    corrupt_plans: set = field(default_factory=set)  # the broadcast plan fails validation
+    fail_transfers: set = field(default_factory=set)  # the last rank's transfer wait raises
+    delay_transfers: set = field(default_factory=set)  # senders post too late: receivers time out
+
+
+@dataclass
+class Pending:
+    plan: Plan
+    seq: int
+    commit_step: int  # the step at whose end every rank switches (the announcing step: transfers overlap it)
+    works: list = field(default_factory=list)
+    inbox: dict = field(default_factory=dict)  # (layer, expert) -> (m, v) being received
+    late: list = field(default_factory=list)  # sends held back by an injected delay
+    prefetched: dict = field(default_factory=dict)
+    staged: dict = field(default_factory=dict)
+    replay: dict = field(default_factory=dict)
+    waiter: threading.Thread | None = None
+    error: BaseException | None = None
+
+
+def _wait_all(pending: Pending) -> None:
+    try:
+        for w in pending.works:
+            w.wait()
+    except BaseException as exc:  # reported to the step thread, which votes
+        pending.error = exc
+
+
+def random_plan(num_experts: int, slots: np.ndarray, layers: int, rng: np.random.Generator) -> Plan:
+    """A random valid plan: random replica sets, random uneven shares, random owners."""
+    slots = np.asarray(slots)
+    G, S = len(slots), int(slots.max())
+    out = []
+    for l in range(layers):
+        while True:
+            x = np.zeros((num_experts, G), dtype=bool)
+            free = slots.copy()
+            for e in rng.permutation(num_experts):  # every expert once
+                g = rng.choice(np.flatnonzero(free > 0))
+                x[e, g] = True
+                free[g] -= 1
+            for g in range(G):  # fill some spare slots with extra replicas
+                cand = np.flatnonzero(~x[:, g])
+                k = min(free[g], len(cand), int(rng.integers(0, free[g] + 1)))
+                x[rng.choice(cand, size=k, replace=False), g] = True
+            if x.any(axis=1).all():
+                break
+        share = np.where(x, rng.uniform(0.2, 1.0, x.shape), 0.0)
+        share /= share.sum(axis=1, keepdims=True)
+        owner = np.array([rng.choice(np.flatnonzero(x[e])) for e in range(num_experts)])
+        out.append(LayerPlan.from_matrices(x, share, owner, S, l, {"solver": "random"}))
+    return Plan(num_experts, slots, out, {"solver": "random"})
+
+
+HEADER = 3  # [has plan, sequence number, step at whose end it commits]
+
+
+def encode(plan: Plan | None, seq: int, commit_step: int, layers: int, G: int, S: int, E: int) -> torch.Tensor:
+    """A fixed-size float64 buffer, so the per-step broadcast needs no size exchange."""
+    buf = torch.zeros(HEADER + layers * (2 * G * S + E), dtype=torch.float64)
+    if plan is None:
+        return buf
+    buf[0], buf[1], buf[2] = 1, seq, commit_step
+    parts = [np.concatenate([lp.assign.ravel(), lp.share.ravel(), lp.owner.ravel()]) for lp in plan.layers]
+    buf[HEADER:] = torch.from_numpy(np.concatenate(parts).astype(np.float64))
+    return buf
+
+
+def decode(buf: torch.Tensor, slots: np.ndarray, layers: int, E: int) -> tuple[Plan | None, int, int]:
+    """(plan or None, sequence number, commit step)."""
+    if buf[0] == 0:
+        return None, 0, 0
+    G, S = len(slots), int(slots.max())
+    arr = buf[HEADER:].numpy().reshape(layers, -1)
+    lps = [LayerPlan(a[:G * S].reshape(G, S).round(), a[G * S:2 * G * S].reshape(G, S), a[2 * G * S:].round(), l)
+           for l, a in enumerate(arr)]
+    return Plan(E, slots, lps, {"source": "broadcast"}), int(buf[1]), int(buf[2])
+
+
+def _same(a: Plan, b: Plan) -> bool:
+    return all(np.array_equal(x.assign, y.assign) and np.allclose(x.share, y.share, rtol=0, atol=1e-12)
+               and np.array_equal(x.owner, y.owner) for x, y in zip(a.layers, b.layers))
+
+
+class Replanner:
+    """Trigger and background planner on rank 0; the per-step plan broadcast on every rank."""
+
+    def __init__(self, policy: str, *, rank: int, world: int, num_experts: int, slots: np.ndarray, layers: int,
+                 cluster=None, solver: str = "greedy", time_budget: float = 1.0, interval: int = 50,
+                 threshold: float = 1.2, seed: int = 0, faults: Faults | None = None,
+                 transfer_timeout: float = 30.0, group=None, log=None, device=None):
+        if policy not in POLICIES:
+            raise InputError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+        self.policy, self.rank, self.world = policy, rank, world
+        self.E, self.slots, self.L = num_experts, np.asarray(slots), layers
+        self.cluster, self.solver, self.budget = cluster, solver, time_budget
+        self.interval, self.threshold, self.seed = max(1, interval), threshold, seed
+        self.faults = faults or Faults()
+        self.timeout, self.group, self.device = transfer_timeout, group, device
+        self.log = log or (lambda msg: None)
+        self.seq = 0
+        self.thread: threading.Thread | None = None
+        self.result: Plan | None = None
+        self.error: str | None = None
+        self.last_trigger = 0
+        self.stats = {"plans": 0, "committed": 0, "rejected": 0, "failed": 0, "unchanged": 0, "switch_s": 0.0,
+                      "solve_s": 0.0}
+
+    # --- rank 0: trigger and background planning --------------------------------------------
+    def after_step(self, step: int, smoothed: np.ndarray, plan: Plan) -> None:
+        if self.rank != 0 or self.policy == "static" or self.thread is not None or self.result is not None:
+            return
+        since = step + 1 - self.last_trigger
+        due = since >= self.interval
+        if self.policy == "dynamic" and not due and since >= max(1, self.interval // 4):
+            due = balance(smoothed, plan) > self.threshold
+        if not due:
+            return
+        self.last_trigger = step + 1
+        loads, current = smoothed.copy(), plan
+        self.thread = threading.Thread(target=self._plan, args=(loads, current, self.seq + 1), daemon=True)
+        self.thread.start()
+
+    def _plan(self, loads: np.ndarray, current: Plan, seq: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.policy == "random":
+                plan = random_plan(self.E, self.slots, self.L, np.random.default_rng([self.seed, seq]))
+            else:
+                from planner.solve import make_plan  # lazy: only the planning thread needs it
+                plan = make_plan(self.cluster, loads, current, solver=self.solver, time_budget=self.budget,
+                                 workers=1, seed=self.seed, interval=self.interval)
+            self.result = plan
+        except Exception as exc:  # a planner failure must never stop training
+            self.error = f"planning failed: {exc}"
+        self.stats["solve_s"] += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Let a running solver finish: native solver threads alive at exit abort the process."""
+        if self.thread is not None:
+            self.thread.join(self.budget * self.L + 30.0)
+            self.thread = None
+
+    # --- every rank: the per-step broadcast and validation ----------------------------------
+    def poll(self, step: int, current: Plan | None = None) -> Pending | None:
+        plan = None
+        if self.rank == 0:
+            if self.thread is not None and not self.thread.is_alive():
+                self.thread = None
+                if self.error:
+                    self.log(self.error)
+                    self.error = None
+                plan, self.result = self.result, None
+        G, S = len(self.slots), int(self.slots.max())
+        buf = encode(plan, self.seq + 1, step, self.L, G, S, self.E)
+        if buf[0] and int(buf[1]) in self.faults.corrupt_plans:
+            buf[-1] = G + 7  # an owner outside the cluster: validation must catch it
+        if self.world > 1:
+            if self.device is not None:  # NCCL only moves device tensors
+                buf = buf.to(self.device)
+            dist.broadcast(buf, 0, group=self.group)
+            buf = buf.cpu()
+        original = plan
+        plan, seq, commit_step = decode(buf, self.slots, self.L, self.E)
+        if plan is None:
+            return None
+        if original is not None:  # only numbers travel; rank 0 keeps how the plan was made
+            plan.info = dict(original.info)
+            for a, b in zip(plan.layers, original.layers):
+                a.info = dict(b.info)
+        self.seq = seq
+        self.stats["plans"] += 1
+        try:
+            plan.validate()
+        except InputError as exc:
+            self.stats["rejected"] += 1
+            self.log(f"step {step}: plan {seq} rejected, placement unchanged: {exc}")
+            return None
+        if current is not None and _same(plan, current):
+            self.stats["unchanged"] += 1  # nothing to move: no switch
+            return None
+        return Pending(plan, seq, commit_step)
+
+    # --- transfers: moving owners' moments, point to point, overlapped with the step ---------
+    def start_transfers(self, pending: Pending, rt) -> None:
+        me, P = self.rank, rt.params
+        old = rt.plan.layers
+        moves = [(l, e, int(old[l].owner[e]), int(lp.owner[e])) for l, lp in enumerate(pending.plan.layers)
+                 for e in range(self.E) if lp.owner[e] != old[l].owner[e]]
+        delay = pending.seq in self.faults.delay_transfers
+        base = pending.seq * 8192
+        for peer in range(self.world):
+            if peer == me:
+                continue
+            # One message per moment tensor, sent and received in place: no packing copies. The
+            # sender's tensors are not touched until the wait below, before the owners' step.
+            out = [(l, e) for l, e, s, d in moves if s == me and d == peer]
+            for i, key in enumerate(out):
+                for j, t in enumerate(rt.moments[key]):
+                    tag = (base + 2 * i + j) % (2**31 - 1)
+                    if delay:
+                        pending.late.append((t, peer, tag))
+                    else:
+                        pending.works.append(dist.isend(t, peer, group=self.group, tag=tag))
+            inc = [(l, e) for l, e, s, d in moves if s == peer and d == me]
+            for i, key in enumerate(inc):
+                m, v = torch.empty(P, device=rt.device), torch.empty(P, device=rt.device)
+                pending.inbox[key] = (m, v)
+                for j, t in enumerate((m, v)):
+                    tag = (base + 2 * i + j) % (2**31 - 1)
+                    pending.works.append(dist.irecv(t, peer, group=self.group, tag=tag))
+        if pending.works:
+            # Wait in a helper thread: gloo only marks p2p work complete inside wait(), and its own
+            # wait(timeout) tears the connection down, so the step thread joins this one instead.
+            pending.waiter = threading.Thread(target=_wait_all, args=(pending,), daemon=True)
+            pending.waiter.start()
+
+    def finish_transfers(self, pending: Pending, params: int) -> bool:
+        """Wait for this rank's transfers; False if any failed or timed out (the caller votes)."""
+        try:
+            if pending.seq in self.faults.fail_transfers and self.rank == self.world - 1:
+                raise RuntimeError("injected transfer failure")
+            waiter = pending.waiter
+            if waiter is not None:
+                waiter.join(self.timeout)
+                if waiter.is_alive():
+                    raise TimeoutError(f"transfer not done after {self.timeout:g} s")
+                if pending.error is not None:
+                    raise pending.error
+        except Exception as exc:  # gloo raises RuntimeError on timeout; treat every failure alike
+            self.log(f"plan {pending.seq}: transfer failed ({exc}); placement unchanged")
+            return False
+        pending.prefetched = dict(pending.inbox)
+        return True
+
+    def release_late(self, pending: Pending) -> None:
+        """Post sends an injected delay held back, so the peer's abandoned receive completes."""
+        for buf, peer, tag in pending.late:
+            dist.isend(buf, peer, group=self.group, tag=tag).wait()
+        pending.late.clear()

@@ -1,0 +1,247 @@
+"""The training loop of one rank: data, forward through the MoE model, owners' step, re-placement.
+
+Per step the collectives are: per MoE layer one all-gather of counts and two all-to-alls (four
+with backward); one all-reduce of dense gradients (which also carries the loss and the transfer
+vote); one all-to-all of expert gradients and one of expert weights, all layers together; with a
+live policy, one small broadcast for the plan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cost_models.cluster import Cluster, ExpertShape
+from cost_models.files import InputError
+from cost_models.presets import local_cpu
+from planner.plan import Plan, static_layer
+from planner.trace import Trace
+from runtime import checkpoint as ckpt
+from runtime.data import Batches, load_corpus
+from runtime.experts import init_experts
+from runtime.model import ModelConfig, MoEGPT
+from runtime.monitor import Monitor, balance
+from runtime.owners import AdamW, ExpertRuntime
+from runtime.replan import POLICIES, Faults, Replanner
+
+
+# Busy time of each step's parts on this rank (rank 0's go into the result).
+PHASES = ("plan poll", "forward", "backward", "dense all-reduce", "expert exchange+step", "dense step+commit",
+          "monitor")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 100
+    batch: int = 8  # sequences per rank per step
+    lr: float = 3e-3
+    seed: int = 0
+    data: str | None = None
+    slots: int = 0  # expert slots per device; 0: enough for one copy of each expert plus one spare
+    policy: str = "static"
+    solver: str = "greedy"
+    interval: int = 50
+    threshold: float = 1.2
+    time_budget: float = 1.0
+    plan: str | None = None
+    cluster: str | None = None
+    trace_out: str | None = None
+    checkpoint: str | None = None
+    checkpoint_every: int = 0
+    resume: str | None = None
+    result_out: str | None = None  # rank 0 writes losses, timings and final weights here (tests, benchmarks)
+    progress: bool = True
+    transfer_timeout: float = 30.0
+    faults: Faults = field(default_factory=Faults)
+
+    def check(self, world: int) -> "TrainConfig":
+        self.model.check()
+        if self.steps < 0 or self.batch < 1:
+            raise InputError("steps must be >= 0 and batch >= 1")
+        if self.policy not in POLICIES:
+            raise InputError(f"unknown policy {self.policy!r} (known: {', '.join(POLICIES)})")
+        if self.slots and self.slots * world < self.model.num_experts:
+            raise InputError(f"{self.slots} slots x {world} ranks cannot hold {self.model.num_experts} experts")
+        if self.interval < 1 or self.time_budget <= 0 or self.lr <= 0:
+            raise InputError("interval must be >= 1, time budget and lr > 0")
+        return self
+
+    def slots_per_device(self, world: int) -> int:
+        return self.slots or math.ceil(self.model.num_experts / world) + 1
+
+
+def initial_plan(cfg: TrainConfig, world: int) -> Plan:
+    m = cfg.model
+    slots = np.full(world, cfg.slots_per_device(world))
+    if cfg.plan:
+        plan = Plan.load(cfg.plan)
+        if plan.num_devices != world or plan.num_experts != m.num_experts or len(plan.layers) != m.n_layers:
+            raise InputError(f"plan is for {plan.num_devices} devices, {plan.num_experts} experts, "
+                             f"{len(plan.layers)} layers; training has {world}, {m.num_experts}, {m.n_layers}",
+                             cfg.plan)
+        return plan
+    return Plan(m.num_experts, slots, [static_layer(m.num_experts, slots, l) for l in range(m.n_layers)],
+                {"solver": "static"})
+
+
+def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> dict:
+    """Run `cfg.steps` steps on this rank (the process group is already set up when world > 1)."""
+    cfg.check(world)
+    m = cfg.model
+    log = (lambda msg: print(f"[flexmoe] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
+    model = MoEGPT(m).to(device)
+    experts = init_experts(m.n_layers * m.num_experts, m.d_model, m.d_ff,
+                           torch.Generator().manual_seed(cfg.seed + 1)).view(m.n_layers, m.num_experts, -1)
+    dense_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    opt = AdamW(cfg.lr, 0.9, 0.99, 1e-8, 0.0)
+    start, moments, adam_t = 0, None, 0
+    if cfg.resume:
+        doc = ckpt.load(cfg.resume, m.to_dict())
+        plan = doc["plan"]
+        if plan.num_devices != world:
+            raise InputError(f"checkpoint placement is for {plan.num_devices} ranks, not {world}", cfg.resume)
+        model.load_state_dict(doc["dense"])
+        dense_opt.load_state_dict(doc["dense_opt"])
+        experts, moments = doc["experts"][0], doc["experts"][1:]
+        start, adam_t = doc["step"], doc["adam_t"]
+        torch.set_rng_state(doc["rng"])
+    else:
+        plan = initial_plan(cfg, world)
+    rt = ExpertRuntime(plan, m.d_model, m.d_ff, rank, world, experts.to(device), opt, group, device)
+    if moments is not None:
+        rt.t = adam_t
+        for (l, e), (mm, vv) in rt.moments.items():
+            mm.copy_(moments[0, l, e])
+            vv.copy_(moments[1, l, e])
+
+    def bind():
+        for l, layer in enumerate(model.moe_layers):
+            layer.bind(rt.stores[l], rt.share(l), rank, world, group)
+    bind()
+    data = Batches(load_corpus(cfg.data), m.seq_len, cfg.batch, world, rank, cfg.seed)
+    monitor = Monitor(record=bool(cfg.trace_out) and rank == 0)
+    replanner = None
+    if cfg.policy != "static":
+        cluster = Cluster.load(cfg.cluster) if cfg.cluster else local_cpu(
+            int(plan.slots.max()), ExpertShape(m.d_model, m.d_ff, "fp32"), world)
+        if cluster.num_devices != world:
+            raise InputError(f"cluster has {cluster.num_devices} devices, training has {world} ranks", cfg.cluster)
+        replanner = Replanner(cfg.policy, rank=rank, world=world, num_experts=m.num_experts, slots=plan.slots,
+                              layers=m.n_layers, cluster=cluster, solver=cfg.solver, time_budget=cfg.time_budget,
+                              interval=cfg.interval, threshold=cfg.threshold, seed=cfg.seed, faults=cfg.faults,
+                              transfer_timeout=cfg.transfer_timeout, group=group, log=log,
+                              device=device)
+    params = list(model.parameters())
+    losses, times, changes, balances, cpu, phases = [], [], [], [], [], []
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+    tokens_per_step = world * cfg.batch * m.seq_len
+    try:
+        for step in range(start, cfg.steps):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            pending = replanner.poll(step, rt.plan) if replanner else None
+            if pending is not None:
+                replanner.start_transfers(pending, rt)
+                replanner.stats["switch_s"] += time.thread_time() - c0
+            mark = [time.thread_time()]
+            x, y = data.get(step)
+            loss, _ = model(x.to(device), y.to(device))
+            mark.append(time.thread_time())
+            loss.backward()
+            mark.append(time.thread_time())
+            c1 = time.thread_time()
+            ok = replanner.finish_transfers(pending, rt.params) if pending is not None else True
+            if pending is not None:
+                replanner.stats["switch_s"] += time.thread_time() - c1
+            vote = torch.tensor([0.0 if ok else 1.0], device=loss.device)  # failed transfers, summed
+            flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+                              for p in params] + [loss.detach().reshape(1), vote])
+            if world > 1:
+                dist.all_reduce(flat, group=group)
+            o = 0
+            for p in params:
+                n = p.numel()
+                p.grad = flat[o:o + n].view_as(p) / world
+                o += n
+            mean_loss, failures = float(flat[o]) / world, float(flat[o + 1])
+            mark.append(time.thread_time())
+            if pending is not None:
+                replanner.release_late(pending)
+                if failures:
+                    replanner.stats["failed"] += 1
+                    pending = None
+            rt.step(pending)
+            mark.append(time.thread_time())
+            dense_opt.step()
+            dense_opt.zero_grad(set_to_none=True)
+            rt.zero_grad()
+            if pending is not None:
+                assert pending.commit_step == step, "a plan commits at the end of the step that announced it"
+                c1 = time.thread_time()
+                rt.commit(pending)
+                bind()
+                replanner.stats["switch_s"] += time.thread_time() - c1
+                replanner.stats["committed"] += 1
+            mark.append(time.thread_time())
+            counts = np.stack([layer.last_counts for layer in model.moe_layers])  # [L, G, E]
+            monitor.update(step, counts)
+            if replanner:
+                replanner.after_step(step, monitor.smoothed, rt.plan)
+            dt = time.perf_counter() - t0
+            cpu.append(time.thread_time() - c0)
+            mark.append(time.thread_time())
+            phases.append(np.diff([c0] + mark))
+            losses.append(mean_loss)
+            times.append(dt)
+            changes.append(pending is not None)
+            balances.append(balance(counts, rt.plan))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
+                                balance=f"{balances[-1]:.2f}")
+            if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                _save(cfg, rank, rt, model, dense_opt, step + 1)
+    finally:
+        if replanner:
+            replanner.close()
+    if bar is not None:
+        bar.close()
+    if cfg.checkpoint:
+        _save(cfg, rank, rt, model, dense_opt, max(cfg.steps, start))
+    state = rt.full_state()
+    cpu_all = torch.tensor(cpu, dtype=torch.float64, device=device)
+    if world > 1:  # every rank's busy time per step: the straggler's is the step time on dedicated cores
+        parts = [torch.empty_like(cpu_all) for _ in range(world)]
+        dist.all_gather(parts, cpu_all, group=group)
+        cpu_all = torch.stack(parts, dim=1)
+    else:
+        cpu_all = cpu_all[:, None]
+    if rank == 0 and cfg.trace_out and monitor.history:
+        Trace(np.stack(monitor.history), m.top_k, np.array(monitor.steps), np.arange(m.n_layers),
+              "flexmoe train", {"world_size": world, "model": m.to_dict()}).save(cfg.trace_out)
+    result = {"losses": losses, "step_times": times, "changes": changes, "balances": balances,
+              "cpu_times": cpu_all.cpu().numpy(), "phases": np.array(phases), "phase_names": PHASES,
+              "stats": replanner.stats if replanner else {}, "start": start,
+              "experts": state.cpu(), "dense": {k: v.cpu() for k, v in model.state_dict().items()},
+              "plan": rt.plan.to_dict(), "tokens_per_step": tokens_per_step}
+    if rank == 0 and cfg.result_out:
+        from cost_models.files import atomic_path
+        with atomic_path(cfg.result_out) as tmp:
+            torch.save(result, tmp)
+    return result
+
+
+def _save(cfg: TrainConfig, rank: int, rt: ExpertRuntime, model, dense_opt, step: int) -> None:
+    state = rt.full_state()  # collective: every rank takes part
+    if rank == 0:
+        ckpt.save(cfg.checkpoint, model_cfg=cfg.model.to_dict(), step=step, adam_t=rt.t,
+                  dense=model.state_dict(), dense_opt=dense_opt.state_dict(), experts=state, plan=rt.plan)

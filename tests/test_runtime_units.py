@@ -1,0 +1,101 @@
+"""Runtime pieces in one process: routing, dispatch, the owners' optimizer, plan broadcast format."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cost_models.files import InputError
+from runtime.dispatch import apportion, moe_apply, route_matches_estimator, route_tokens
+from runtime.experts import SlotStore, init_experts
+from runtime.model import ModelConfig
+from runtime.owners import AdamW
+from runtime.replan import decode, encode, random_plan
+from runtime.trainer import TrainConfig, train
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 4), st.integers(2, 6))
+def test_route_tokens_is_exact_and_follows_the_estimator(seed, G, E):
+    rng = np.random.default_rng(seed)
+    plan = random_plan(E, np.full(G, (E + G - 1) // G + 1), 1, rng)
+    share = plan.layers[0].shares()
+    counts = rng.integers(0, 50, size=(G, E))
+    flow = route_tokens(counts, share)
+    assert (flow >= 0).all()
+    assert (flow.sum(axis=2) == counts).all()  # every source sends exactly its tokens
+    for e in range(E):  # every replica gets its apportioned share, nothing goes where no replica is
+        assert (flow[:, e, :].sum(axis=0) == apportion(int(counts[:, e].sum()), share[e])).all()
+        assert (flow[:, e, ~(share[e] > 0)] == 0).all()
+    assert route_matches_estimator(counts, share) <= E * G  # only rounding separates them
+
+
+def test_local_first():
+    share = np.array([[0.5, 0.5]])
+    flow = route_tokens(np.array([[10], [10]]), share)
+    assert flow[0, 0, 0] == 10 and flow[1, 0, 1] == 10 and flow[0, 0, 1] == 0
+
+
+def test_moe_apply_single_process_matches_direct_computation():
+    torch.manual_seed(0)
+    d, f, E, k, N = 8, 16, 4, 2, 20
+    w = init_experts(E, d, f, torch.Generator().manual_seed(1))
+    store = SlotStore(d, f, np.arange(E))
+    for e in range(E):
+        store.load_flat(e, w[e] + 0.01 * torch.randn(w.shape[1]))
+    h = torch.randn(N, d)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    gate = torch.rand(N, k)
+    out, counts = moe_apply(h, idx, gate, store, np.ones((E, 1)), 0, 1)
+    ref = torch.stack([sum(gate[t, j] * store.run(int(idx[t, j]), h[t:t + 1])[0] for j in range(k)) for t in range(N)])
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert counts.sum() == N * k
+    out.sum().backward()
+    assert store.w1.grad is not None and store.w1.grad.abs().sum() > 0
+
+
+def test_flat_adamw_matches_torch():
+    torch.manual_seed(0)
+    p = torch.randn(50)
+    ref = torch.nn.Parameter(p.clone())
+    topt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    opt, m, v, q = AdamW(1e-2, 0.9, 0.99, 1e-8, 0.1), torch.zeros(50), torch.zeros(50), p.clone()
+    for t in range(1, 6):
+        g = torch.randn(50)
+        ref.grad = g.clone()
+        topt.step()
+        opt.step(q, m, v, g, t)
+    assert torch.allclose(q, ref.detach(), atol=1e-6)
+
+
+def test_plan_broadcast_format_round_trips_and_corruption_is_caught():
+    slots = np.array([3, 3])
+    plan = random_plan(4, slots, 2, np.random.default_rng(3))
+    buf = encode(plan, 7, 11, 2, 2, 3, 4)
+    back, seq, commit = decode(buf, slots, 2, 4)
+    assert (seq, commit) == (7, 11)
+    for a, b in zip(plan.layers, back.layers):
+        assert (a.assign == b.assign).all() and np.allclose(a.share, b.share) and (a.owner == b.owner).all()
+    buf[-1] = 9
+    bad, _, _ = decode(buf, slots, 2, 4)
+    with pytest.raises(InputError):
+        bad.validate()
+    assert decode(encode(None, 0, 0, 2, 2, 3, 4), slots, 2, 4)[0] is None
+
+
+def test_single_rank_training_runs_and_learns(tmp_path):
+    cfg = TrainConfig(ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=32, num_experts=4, top_k=1, seq_len=16),
+                      steps=12, batch=4, lr=1e-2, progress=False)
+    r = train(0, 1, cfg)
+    assert len(r["losses"]) == 12 and np.isfinite(r["losses"]).all()
+    assert np.mean(r["losses"][-3:]) < r["losses"][0]
+
+
+def test_bad_config_is_input_error():
+    with pytest.raises(InputError):
+        TrainConfig(ModelConfig(d_model=30, n_heads=4)).check(2)
+    with pytest.raises(InputError):
+        TrainConfig(policy="bogus").check(2)
+    with pytest.raises(InputError):
+        TrainConfig(ModelConfig(num_experts=8), slots=2).check(2)
