@@ -10,10 +10,14 @@ state). For device g in one training step:
   bytes times seconds-per-byte, plus one latency per peer per phase;
 - replica sync: each non-owner replica sends its gradient to the owner and gets weights back.
 
-The layer's step time is the slowest device's total. Routing is local-first: a source whose
-own device holds a replica of the expert keeps as many of its tokens there as that replica's
-share allows; every other token goes to the replicas' remaining capacity in proportion.
-The runtime dispatches by the same rule (`route`), so estimate and reality agree.
+The layer's step time is the slowest device's total. Routing is hierarchical (`route`): a
+source whose own device holds a replica of the expert keeps as many of its tokens there as that
+replica's share allows; then its remaining tokens go to replicas on its own node, in proportion
+to their spare capacity; only what the node cannot absorb crosses to other nodes, again in
+proportion to spare capacity. Shares are untouched (a replica serves exactly share * tokens);
+the rule only chooses who sends to whom, and it keeps tokens on the fast links because an
+inter-node link is an order of magnitude slower than NVLink. With one node it is the plain
+local-first rule. The runtime dispatches by the same rule, so estimate and reality agree.
 """
 
 from __future__ import annotations
@@ -81,20 +85,43 @@ def fold_sources(counts: np.ndarray, num_devices: int) -> np.ndarray:
     return weight.T @ counts
 
 
-def route(counts: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Local-first routing. Returns (`local[e, g]`, tokens of source g kept on its own replica;
-    `remote[g, h]`, tokens source g sends to device h, all experts together, zero diagonal).
+def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Who sends how many tokens to whom. Returns (`local[e, g]`, tokens of source g kept on its
+    own replica; `remote[g, h]`, tokens source g sends to device h, all experts together, zero
+    diagonal). `counts[source, expert]` must already have one source per device (`fold_sources`).
 
-    `counts[source, expert]` must already have one source per device (see `fold_sources`).
+    Per expert, with `demand = total * share` per replica: (1) each source keeps
+    `local = min(count, demand)` on its own replica; `rest = count - local` is left to send and
+    `cap = demand - local` to receive. `nodes=None`: the rest goes to all replicas in proportion to
+    `cap`. With `nodes[g]` (node of each device): (2) inside each node k, with R_k and C_k the
+    node's total rest and cap and M_k = max(R_k, C_k), source g sends `rest[g] * cap[h] / M_k` to
+    each replica h of its node; (3) what is left, `rest[g] * (1 - C_k / M_k)`, goes to the spare
+    capacity left on other nodes, `cap[h] * (1 - R_k / M_k)`, in proportion. On one node step (3)
+    is empty and (2) is the nodes=None rule.
     """
     c = np.asarray(counts, dtype=np.float64).T  # [E, G]
     demand = c.sum(axis=1, keepdims=True) * share  # tokens each replica must serve
     local = np.minimum(c, demand)
     rest = c - local
     capacity = demand - local
-    total = capacity.sum(axis=1, keepdims=True)
-    frac = np.divide(capacity, total, out=np.zeros_like(capacity), where=total > 0)
-    remote = rest.T @ frac
+    if nodes is None:
+        total = capacity.sum(axis=1, keepdims=True)
+        frac = np.divide(capacity, total, out=np.zeros_like(capacity), where=total > 0)
+        remote = rest.T @ frac
+        np.fill_diagonal(remote, 0.0)
+        return local, remote
+    node = np.unique(np.asarray(nodes), return_inverse=True)[1].reshape(-1)
+    onehot = np.eye(int(node.max()) + 1)[node]  # [G, K]
+    r_node, c_node = rest @ onehot, capacity @ onehot  # [E, K]
+    m_node = np.maximum(r_node, c_node)
+    send_frac = np.divide(1.0, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, node]  # [E, G]
+    same = node[:, None] == node[None, :]
+    remote = ((rest * send_frac).T @ capacity) * same  # step (2): inside each node
+    # step (3): what each node could not absorb, over the capacity other nodes have left
+    rest2 = rest * np.divide(m_node - c_node, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, node]
+    cap2 = capacity * np.divide(m_node - r_node, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, node]
+    total2 = cap2.sum(axis=1, keepdims=True)
+    remote += rest2.T @ np.divide(cap2, total2, out=np.zeros_like(cap2), where=total2 > 0)
     np.fill_diagonal(remote, 0.0)
     return local, remote
 
@@ -133,7 +160,7 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     tokens_eg = totals[:, None] * share
     tokens = tokens_eg.sum(axis=0)
     compute = cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens
-    _, remote = route(counts, share)
+    _, remote = route(counts, share, cluster.node_of)
     a2a_bytes = cluster.expert.token_bytes * remote
     si, ri, so, ro = port_time(cluster, a2a_bytes)
     # Phases alternate direction (dispatch out, combine back), so each sees send and receive swapped.

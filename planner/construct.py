@@ -7,6 +7,11 @@ the slots allow. With few slots, devices that only hold pieces of hot experts wo
 slots, so each device first takes a few whole light experts and then wraps the heavy ones.
 Devices are taken in id order (node by node), so a split expert's replicas mostly share a node
 and their synchronisation stays on the fast links.
+
+On several nodes `hierarchical` decides nodes first (which experts each node hosts, how many of
+each expert's tokens it serves: its own sources' demand where it can), then devices inside each
+node, because the estimator routes a node's tokens to replicas on that node before any cross the
+slow inter-node links.
 """
 
 from __future__ import annotations
@@ -58,13 +63,22 @@ def mcnaughton(cluster: Cluster, load: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """The best wrap-around plan over a few light-item counts per device (0, 1, half and all but
     one of the slots): (x[e, g], share[e, g])."""
     load_arr = np.asarray(load, dtype=np.float64)
-    a, b = cluster.compute_a, cluster.compute_b
+    x, y = wrap_tokens(load_arr, cluster.compute_a, cluster.compute_b, cluster.slots)
+    share = np.where(load_arr[:, None] > 0, y / np.maximum(load_arr[:, None], 1e-300),
+                     x / np.maximum(x.sum(axis=1, keepdims=True), 1))
+    return x, share
+
+
+def wrap_tokens(load_arr: np.ndarray, a: np.ndarray, b: np.ndarray, slots: np.ndarray,
+                lights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Wrap-around on the devices given by arrays `a`, `b`, `slots`: (x[e, g], tokens[e, g]).
+    `lights`: light-item counts to try (default 0, 1, half and all but one of the slots)."""
     lb = max((load_arr.sum() + len(load_arr) * (a / b).min()) / (1.0 / b).sum(), 1e-12)
     order = np.argsort(-load_arr, kind="stable").tolist()
-    load, a, b, slots = load_arr.tolist(), a.tolist(), b.tolist(), cluster.slots.tolist()
+    load, a, b, slots = load_arr.tolist(), np.asarray(a).tolist(), np.asarray(b).tolist(), np.asarray(slots).tolist()
     best = None
     k = int(max(slots))
-    for light in sorted({0, 1, k // 2, k - 1} & set(range(k))):
+    for light in sorted(set(lights if lights is not None else {0, 1, k // 2, k - 1}) & set(range(k))):
         hi = lb
         found = _wrap(load, order, a, b, slots, hi, light)
         while found is None and hi < 1e6 * (lb + 1.0):
@@ -89,21 +103,20 @@ def mcnaughton(cluster: Cluster, load: np.ndarray) -> tuple[np.ndarray, np.ndarr
     for e, g, t in best[1]:
         x[e, g] = True
         y[e, g] += t
-    share = np.where(load_arr[:, None] > 0, y / np.maximum(load_arr[:, None], 1e-300),
-                     x / np.maximum(x.sum(axis=1, keepdims=True), 1))
-    return x, share
+    return x, y
 
 
 def balance_shares(x: np.ndarray, load: np.ndarray, a: np.ndarray, b: np.ndarray, rounds: int = 4,
-                   share: np.ndarray | None = None) -> np.ndarray:
-    """Shares for a fixed placement that level the devices' compute time, by water-filling one
-    replicated expert at a time against the others (coordinate descent)."""
+                   share: np.ndarray | None = None, base: np.ndarray | None = None) -> np.ndarray:
+    """Shares for a fixed placement that level the devices' compute time (plus `base` seconds per
+    device, if given), by water-filling one replicated expert at a time against the others
+    (coordinate descent)."""
     x = np.asarray(x, bool)
     load = np.asarray(load, dtype=np.float64)
     if share is None:
         share = x / np.maximum(x.sum(axis=1, keepdims=True), 1)
     y = load[:, None] * share
-    t = a * x.sum(axis=0) + b * y.sum(axis=0)
+    t = a * x.sum(axis=0) + b * y.sum(axis=0) + (0.0 if base is None else base)
     multi = [e for e in np.argsort(-load, kind="stable") if x[e].sum() > 1 and load[e] > 0]
     for _ in range(rounds):
         for e in multi:
@@ -130,3 +143,220 @@ def _water(base: np.ndarray, b: np.ndarray, amount: float) -> np.ndarray:
     out[order] = np.clip((level - bs) * ws, 0.0, None)
     s = out.sum()
     return out * (amount / s) if s > 0 else out
+
+
+def hierarchical(cluster: Cluster, counts: np.ndarray, extras=None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Node-aware plans, nodes first and then devices: [(name, x[e, g], share[e, g])].
+
+    Inter-node links are an order of magnitude slower than the links inside a node, and routing
+    sends a source's tokens to replicas on its own node first. So each node hosts the experts its
+    own sources want most and serves (close to) its own demand of them: those tokens never cross.
+    `extras` is how many (expert, node) hostings beyond one per expert to allow (each such
+    replica costs a weight sync over the slow link, so the estimator decides how many pay);
+    default a few counts up to what the slots allow. Per variant:
+    1. hostings, within each node's budget (its share of `experts + extras`; the slots left over
+       serve to split experts inside the node): every expert a home node, heaviest first onto
+       the node with the least work, then the extras to the (expert, node) pairs with the most
+       node demand;
+    2. node shares: a hosting node serves its own demand; demand of nodes without a replica goes
+       to the hosting nodes by water-filling their work; then shares of multi-node experts shift
+       from the busiest node to the idlest until node work is proportional to node speed;
+    3. inside each node, `pack_node` places the node's tokens on its devices, counting the weight
+       sync that each multi-node expert's replica pays over the slow link.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
+    num_nodes = int(node.max()) + 1
+    E = counts.shape[1]
+    load = counts.sum(axis=0)
+    if num_nodes < 2 or E == 0:
+        return []
+    onehot = np.eye(num_nodes)[node]
+    demand = counts.T @ onehot  # [E, K]
+    a, b, slots = cluster.compute_a, cluster.compute_b, cluster.slots
+    node_slots = slots @ onehot
+    speed = (1.0 / b) @ onehot  # tokens per second of each node
+    spare = int(node_slots.sum()) - E
+    if spare < 0:
+        return []
+    if extras is None:
+        extras = sorted({0, spare} | {v for v in (1, 2, 4, 8, 16, 32) if v < spare} | {spare // 2})
+    sync_s = cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
+    out = []
+    for extra in extras:
+        budget = _budgets(node_slots, E + int(extra))
+        if budget is None:
+            continue
+        host = _hostings(demand, load, budget, speed)
+        y = _node_shares(host, demand, load, speed)
+        x = np.zeros((E, len(node)), dtype=bool)
+        tok = np.zeros(x.shape)
+        cross = host.sum(axis=1) > 1  # replicas that sync over the slow link
+        for k in range(num_nodes):
+            devs = np.flatnonzero(node == k)
+            ex = np.flatnonzero(host[:, k] & ((y[:, k] > 0) | (host.sum(axis=1) == 1)))
+            if not len(ex):
+                continue
+            sx, sy = pack_node(y[ex, k], np.where(cross[ex], sync_s, 0.0), a[devs], b[devs], slots[devs])
+            x[np.ix_(ex, devs)] = sx
+            tok[np.ix_(ex, devs)] = sy
+        share = np.where(load[:, None] > 0, tok / np.maximum(load[:, None], 1e-300),
+                         x / np.maximum(x.sum(axis=1, keepdims=True), 1))
+        out.append((f"nodes+{int(extra)}", x, share))
+    return out
+
+
+def _budgets(node_slots: np.ndarray, hostings: int):
+    """Hostings per node, in proportion to the node's slots, none over them; None if impossible."""
+    if hostings > node_slots.sum():
+        return None
+    raw = hostings * node_slots / node_slots.sum()
+    out = np.minimum(np.floor(raw).astype(np.int64), node_slots.astype(np.int64))
+    for k in np.argsort(-(raw - out), kind="stable"):
+        if out.sum() >= hostings:
+            break
+        if out[k] < node_slots[k]:
+            out[k] += 1
+    while out.sum() < hostings:  # proportional rounding left some short: fill any room
+        out[int(np.argmax(node_slots - out))] += 1
+    return out
+
+
+def _hostings(demand: np.ndarray, load: np.ndarray, budget: np.ndarray, speed: np.ndarray) -> np.ndarray:
+    """host[e, k]. Every expert first gets a home node, heaviest expert first onto the node with
+    the least work per speed that has budget left (ties: the node that wants it most); the
+    remaining budget goes to the (expert, node) pairs with the most node demand."""
+    E, K = demand.shape
+    host = np.zeros((E, K), dtype=bool)
+    left = budget.astype(np.int64).copy()
+    homes = np.minimum(_budgets(budget, E), left)  # homes spread like the budget, so extras are too
+    work = np.zeros(K)
+    for e in np.argsort(-load, kind="stable"):
+        ok = np.flatnonzero((left > 0) & (homes > 0))
+        if not len(ok):
+            ok = np.flatnonzero(left > 0)
+        key = work[ok] / speed[ok] - 1e-12 * demand[e, ok]
+        k = int(ok[np.argmin(key)])
+        host[e, k] = True
+        left[k] -= 1
+        homes[k] -= 1
+        work[k] += load[e]
+    for i in np.argsort(-demand, axis=None, kind="stable"):
+        if not left.any():
+            break
+        e, k = divmod(int(i), K)
+        if left[k] > 0 and not host[e, k] and demand[e, k] > 0:
+            host[e, k] = True
+            left[k] -= 1
+    return host
+
+
+def _node_shares(host: np.ndarray, demand: np.ndarray, load: np.ndarray, speed: np.ndarray,
+                 rounds: int = 64) -> np.ndarray:
+    """y[e, k] tokens each hosting node serves: its own demand; the demand of nodes without a
+    replica water-filled over the hosts; then shifts between hosts to balance node time."""
+    y = np.where(host, demand, 0.0)
+    orphan = load - y.sum(axis=1)
+    work = y.sum(axis=0)
+    for e in np.argsort(-orphan, kind="stable"):
+        if orphan[e] <= 0:
+            continue
+        ks = np.flatnonzero(host[e])
+        if len(ks) == 1:
+            y[e, ks] += orphan[e]
+            work[ks] += orphan[e]
+            continue
+        add = _water(work[ks] / speed[ks], 1.0 / speed[ks], orphan[e])
+        y[e, ks] += add
+        work[ks] += add
+    target = load.sum() * speed / speed.sum()
+    for _ in range(rounds):
+        over = (work - target) / speed
+        hi, lo = int(np.argmax(over)), int(np.argmin(over))
+        need = min(work[hi] - target[hi], target[lo] - work[lo])
+        if need <= 1e-9 * max(load.sum(), 1.0):
+            break
+        both = np.flatnonzero(host[:, hi] & host[:, lo] & (y[:, hi] > 0))
+        if not len(both):
+            break
+        for e in both[np.argsort(-y[both, hi], kind="stable")]:  # biggest first: fewest experts touched
+            m = min(need, y[e, hi])
+            y[e, hi] -= m
+            y[e, lo] += m
+            work[hi] -= m
+            work[lo] += m
+            need -= m
+            if need <= 0:
+                break
+    return y
+
+
+def pack_node(load: np.ndarray, fixed: np.ndarray, a: np.ndarray, b: np.ndarray,
+              slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x[e, g], tokens[e, g]) for items `load` on one node's devices; `fixed[e]` seconds an item
+    costs the device holding it whatever its tokens (its weight sync over the slow link). The
+    better of wrap-around (many splits) and replicate-then-pack-then-level (few spare slots: spare
+    slots to the items with the most seconds per replica, heaviest replica first onto the least
+    busy device with room, then shares levelled)."""
+    found = []
+    if len(load) <= slots.sum():
+        found.append(wrap_tokens(load, a, b, slots, lights=(0, 1)))
+    reps = np.ones(len(load), dtype=np.int64)
+    for _ in range(int(slots.sum()) - len(load)):
+        reps[int(np.argmax((load * b.mean() + fixed) / reps))] += 1
+    reps = np.minimum(reps, len(slots))
+    x = np.zeros((len(load), len(slots)), dtype=bool)
+    t = np.zeros(len(slots))
+    used = np.zeros(len(slots), dtype=np.int64)
+    items = [(float(load[e] * b.mean() / reps[e] + fixed[e]), int(e)) for e in range(len(load)) for _ in range(reps[e])]
+    for _, e in sorted(items, key=lambda v: (-v[0], v[1])):
+        ok = np.flatnonzero((used < slots) & ~x[e])
+        if not len(ok):
+            continue
+        g = int(ok[np.argmin(t[ok])])
+        x[e, g] = True
+        used[g] += 1
+        t[g] += a[g] + b[g] * load[e] / reps[e] + fixed[e]
+    if x.any(axis=1).all():
+        base = (x * fixed[:, None]).sum(axis=0)
+        share = balance_shares(x, load, a, b, base=base)
+        found.append((x, share * load[:, None]))
+    best, best_t = None, np.inf
+    for fx, fy in found:
+        tt = (a * fx.sum(axis=0) + b * fy.sum(axis=0) + (fx * fixed[:, None]).sum(axis=0)).max()
+        if tt < best_t:
+            best, best_t = (fx, fy), tt
+    return best
+
+
+def spread_owners(cluster: Cluster, x: np.ndarray, base: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Owners for the experts with replicas on several nodes, chosen so that their weight sync
+    (the owner pays one replica's bytes per follower, each follower one, over the link between
+    them: seconds `param_bytes / beta`) lands on devices with time to spare. `base[g]`: the
+    device's seconds without sync; `owner`: the owners to keep for the other experts. Greedy,
+    experts with the most replicas first; ties to the lowest device id."""
+    x = np.asarray(x, bool)
+    owner = np.asarray(owner).copy()
+    cost = cluster.expert.param_bytes * cluster.inv_beta  # [follower, owner] seconds, symmetric here
+    node = cluster.node_of
+    cross = np.array([len(set(node[x[e]].tolist())) > 1 for e in range(x.shape[0])])
+    sync = np.zeros(x.shape[1])
+    for e in np.flatnonzero(~cross):  # the others keep their owners: count their sync first
+        f = np.flatnonzero(x[e])
+        f = f[f != owner[e]]
+        sync[f] += cost[f, owner[e]]
+        sync[owner[e]] += cost[f, owner[e]].sum()
+    for e in sorted(np.flatnonzero(cross), key=lambda e: (-int(x[e].sum()), int(e))):
+        reps = np.flatnonzero(x[e])
+        best, best_t = None, np.inf
+        for o in reps:
+            f = reps[reps != o]
+            t = base[f] + sync[f] + cost[f, o]
+            worst = max(float(t.max(initial=0.0)), float(base[o] + sync[o] + cost[f, o].sum()))
+            if worst < best_t - 1e-15:
+                best, best_t = int(o), worst
+        f = reps[reps != best]
+        sync[f] += cost[f, best]
+        sync[best] += cost[f, best].sum()
+        owner[e] = best
+    return owner

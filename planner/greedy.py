@@ -1,12 +1,14 @@
 """The FlexMoE policy maker: expand, shrink and migrate replicas while the step gets faster.
 
 The loop scores moves with a proxy, updated per move in O(devices^2) for the one expert moved:
-exact for compute and replica synchronisation, and the all-to-all with each remote expert's
-traffic spread over sources and replicas by token counts (the estimator routes the same tokens,
-only not pro rata). A full estimate costs about a millisecond at 256 experts on 64 devices, too
-dear for every move.
+exact for compute and replica synchronisation under even shares, and for the all-to-all it
+routes each expert's tokens by the estimator's own hierarchical rule (own device, own node,
+then other nodes), so that moves which keep traffic inside a node are seen to pay. A full
+estimate costs about a millisecond at 256 experts on 64 devices, too dear for every move.
 The estimator is the final judge: among the start, the greedy result, the greedy result with
-levelled shares, and the wrap-around construction, the best estimated objective wins.
+levelled shares, the wrap-around construction and the node-aware constructions (nodes first,
+then devices: `construct.hierarchical`, each also with owners that spread the inter-node weight
+syncs: `construct.spread_owners`), the best estimated objective wins.
 Deterministic: ties go to the lowest expert and device ids.
 """
 
@@ -15,12 +17,16 @@ from __future__ import annotations
 import numpy as np
 
 from cost_models.cluster import Cluster
-from planner.construct import balance_shares, mcnaughton
+from cost_models.estimator import estimate
+from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
 from planner.score import even_shares, objective, pick_owner
 
 BALANCE_THRESHOLD = 1.02  # stop once the busiest device has at most 2% over the mean tokens
 MIN_GAIN = 1e-9  # seconds: a move must beat this to count
+# experts x devices up to which the node-aware constructions are tried here: they cost about
+# 20 ms per variant at 256 x 64, over the greedy's budget; the ILP, which has seconds, always tries them
+HIERARCHICAL_CELLS = 4096
 
 
 class _State:
@@ -41,29 +47,21 @@ class _State:
         self.onehot = np.eye(self.num_nodes)[self.node]  # [G, nodes]
         tb = cluster.expert.token_bytes
         self.lat = 4 * cluster.alpha.sum(axis=1)
-        peer = self.same_node & ~np.eye(len(self.a), dtype=bool)
-        self.peer = peer.astype(np.float64)
         self.inv_intra = _intra(cluster)
         self.cost_intra = tb * self.inv_intra
         self.cost_inter = tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
-        # where an expert's tokens come from, seen from each device: same-node peers, other nodes
-        self.from_intra = self.counts @ self.peer  # [E, G]
-        self.from_inter = load[:, None] - self.from_intra - self.counts
         self.r = self.x.sum(axis=1)
         self.tok = (self.x * (load / self.r)[:, None]).sum(axis=0)
         self.n = self.x.sum(axis=0)
         es = np.arange(len(load))
         self.sync_e, self.mig_e, self.a2a_e = self._rows(es, self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
         self.sync, self.mig, self.a2a_parts = self.sync_e.sum(0), self.mig_e.sum(0), self.a2a_e.sum(0)
-        self.from_total = np.maximum(self.from_intra + self.from_inter, 0.0)
-        self.f_intra = np.divide(self.from_intra, self.from_total, out=np.zeros_like(self.from_intra),
-                                 where=self.from_total > 0)
 
     def _rows(self, es, rows, owners):
         """Per-device proxy terms of experts `es` placed as `rows[k, g]` with owners `owners[k]`:
         sync seconds, migration receive seconds, and all-to-all (send intra, recv intra, send
-        inter, recv inter) seconds under even shares and local-first routing, each remote source
-        and destination weighed by the tokens it sends or serves."""
+        inter, recv inter) seconds under even shares, routed by the estimator's hierarchical rule
+        (exact for the all-to-all when each link class has one bandwidth)."""
         k = np.arange(len(es))
         rows = np.asarray(rows, bool)
         rf = rows.astype(np.float64)
@@ -78,21 +76,17 @@ class _State:
         mig = self.P * np.where(new, np.where(near, self.inv_intra, self.invb[src]), 0.0)
         moved = owners != src
         mig[k[moved], owners[moved]] += self.c.expert.optimizer_bytes * self.invb[src[moved], owners[moved]]
-        # all-to-all
+        # all-to-all, routed as the estimator routes: own device, own node, then other nodes
         y = rf * (self.load[es] / np.maximum(rf.sum(axis=1), 1))[:, None]
         c = self.counts[es]
         local = np.minimum(c, y)
-        recv, send = y - local, c - local
-        if not hasattr(self, "f_intra"):
-            tot = self.from_intra[es] + self.from_inter[es]
-            f_in = np.divide(self.from_intra[es], tot, out=np.zeros_like(y), where=tot > 0)
-        else:
-            f_in = self.f_intra[es]
-        y_peer = (y @ self.onehot)[:, self.node] - y
-        y_else = y.sum(axis=1, keepdims=True) - y
-        t_in = np.divide(y_peer, y_else, out=np.zeros_like(y), where=y_else > 0)
-        a2a = np.stack([send * t_in * self.cost_intra, recv * f_in * self.cost_intra,
-                        send * (1 - t_in) * self.cost_inter, recv * (1 - f_in) * self.cost_inter], axis=1)
+        send, recv = c - local, y - local
+        r_node, c_node = send @ self.onehot, recv @ self.onehot
+        m_node = np.maximum(r_node, c_node)
+        stay_s = np.divide(c_node, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, self.node]
+        stay_r = np.divide(r_node, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, self.node]
+        a2a = np.stack([send * stay_s * self.cost_intra, recv * stay_r * self.cost_intra,
+                        send * (1 - stay_s) * self.cost_inter, recv * (1 - stay_r) * self.cost_inter], axis=1)
         return f, mig, a2a
 
     def _a2a(self, parts):
@@ -247,6 +241,13 @@ def greedy(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = Non
              ("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), st.owner.copy())]
     mx, ms = mcnaughton(cluster, load)
     cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
+    if num_experts * cluster.num_devices <= HIERARCHICAL_CELLS:
+        for name, hx, hs in hierarchical(cluster, counts):
+            own = pick_owner(cluster, hx, hs, current)
+            cands.append((name, hx, hs, own))
+            # the same placement with owners that spread the syncs over the slow link
+            base = estimate(cluster, counts, hx, hs).total  # seconds without sync
+            cands.append((name + "/owners", hx, hs, spread_owners(cluster, hx, base, own)))
     scored = [(objective(cluster, counts, x, s, o, current, interval), i) for i, (_, x, s, o) in enumerate(cands)]
     obj, i = min(scored)
     name, x, share, owner = cands[i]

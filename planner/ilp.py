@@ -7,9 +7,13 @@ sync is exactly linear, and owner variables (with their big-M links) made the mo
 times larger and its bound weaker for little gain. Device time = compute + all-to-all + sync +
 latency, all linear:
 - compute `a_g * replicas + b_g * tokens`;
-- all-to-all: per link class, 4 x max(send, receive); a device receives `y - l` remote blocks,
-  split between classes by where the expert's other tokens come from, and sends `c - l`, split
-  by where the hint serves the expert (a constant: the destinations depend on the solution);
+- all-to-all: per link class, 4 x max(send, receive). On several nodes the model follows the
+  estimator's hierarchical routing: an expert's blocks leaving node k are `max(0, D[e,k] -
+  Y[e,k])` (node demand less node service), shared by the node's sources in proportion to their
+  demand, and those entering are received by the node's replicas (how they split is left to the
+  solver); the rest of the remote traffic is charged at intra-node cost. So a plan that serves
+  each node's demand on that node is seen to save the slow links. On one node (or a per-node
+  subproblem) a device receives `y - l` remote blocks and sends `c - l`, at intra-node cost;
 - sync: each follower replica and its owner pay one replica's bytes over the link between them.
 Objective `interval * T + migration` (migration: the busiest receiver's new weights and moved
 optimizer state, against the current placement). The plan is then re-scored by the estimator;
@@ -26,9 +30,10 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from cost_models.cluster import Cluster
+from cost_models.estimator import estimate
 from cost_models.files import InputError
 from planner.baselines import eplb
-from planner.construct import mcnaughton
+from planner.construct import hierarchical, mcnaughton, spread_owners
 from planner.greedy import greedy
 from planner.plan import LayerPlan
 from planner.score import clean_shares, objective, pick_owner
@@ -37,6 +42,7 @@ BLOCKS = 1000  # token blocks per layer
 UNITS = 200_000  # time units in the lower bound: sets the rounding of time coefficients
 MAX_CELLS = 2048  # experts x devices above which a layer is decomposed by node
 OK = (cp_model.OPTIMAL, cp_model.FEASIBLE)
+NODE_FLOWS = True  # model the inter-node all-to-all per node (False: per-device constant splits)
 
 
 class _Inst:
@@ -74,6 +80,18 @@ class _Inst:
         y_else = y.sum(axis=1, keepdims=True) - y
         t_in = np.divide(y_peer, y_else, out=np.ones_like(y), where=y_else > 0).clip(0, 1).T  # [G, E]
         self.send_i, self.send_o = q(tb * self.U * ci * t_in), q(tb * self.U * co * (1 - t_in))
+        # node-aware all-to-all (more than one node): the hierarchical routing sends across nodes
+        # exactly max(0, node demand - node service) blocks of each expert out of a node, and as
+        # many into the nodes serving more than their own demand
+        self.node_ix = np.unique(self.node, return_inverse=True)[1].reshape(-1)
+        self.multi_node = NODE_FLOWS and len(self.nodes) > 1 and inter.any()
+        self.cost_i, self.cost_o = q(tb * self.U * ci), q(tb * self.U * co)
+        node_demand = np.zeros((len(self.nodes), self.E), dtype=np.int64)
+        np.add.at(node_demand, self.node_ix, self.cb)
+        self.Db = node_demand  # [K, E] blocks wanted by each node's sources
+        # a source's part of its node's outflow, as its part of the node's demand
+        part = self.cb / np.maximum(self.Db[self.node_ix], 1)
+        self.send_out = q(tb * self.U * co * part)  # [G, E] per block leaving the node
         self.sync = q(P * invb)  # [G, G]: a follower on row, its owner on column
         self.lat = q(4 * cluster.alpha[np.ix_(d, d)].sum(axis=1))
         self.mig_new = np.zeros((self.E, self.G), dtype=np.int64)
@@ -134,13 +152,25 @@ def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed):
     T = m.NewIntVar(0, hi, "T")
     Ai = [m.NewIntVar(0, hi, "") for _ in range(G)]
     Ao = [m.NewIntVar(0, hi, "") for _ in range(G)]
+    if inst.multi_node:
+        out, z = _node_flows(m, inst, x, y, l)
     for g in range(G):
         rem = [(e, y[e][g] - l[e, g] if (e, g) in l else y[e][g]) for e in range(E)]
         sent = [(e, int(inst.cb[g, e]) - l[e, g]) for e in range(E) if (e, g) in l]
-        m.Add(Ai[g] >= sum(int(inst.recv_i[e, g]) * v for e, v in rem))
-        m.Add(Ao[g] >= sum(int(inst.recv_o[e, g]) * v for e, v in rem))
-        m.Add(Ai[g] >= sum(int(inst.send_i[g, e]) * v for e, v in sent))
-        m.Add(Ao[g] >= sum(int(inst.send_o[g, e]) * v for e, v in sent))
+        if inst.multi_node:
+            k = int(inst.node_ix[g])
+            # receive: remote blocks inside the node at NVLink cost, those from other nodes (z) at
+            # InfiniBand cost; send: every remote block at NVLink cost (an over-estimate by at most
+            # the intra/inter ratio of the inter part), plus the source's part of the node's outflow
+            m.Add(Ai[g] >= sum(int(inst.cost_i) * (v - z[e, g]) for e, v in rem))
+            m.Add(Ao[g] >= sum(int(inst.cost_o) * z[e, g] for e in range(E)))
+            m.Add(Ai[g] >= sum(int(inst.cost_i) * v for e, v in sent))
+            m.Add(Ao[g] >= sum(int(inst.send_out[g, e]) * out[e, k] for e in range(E) if inst.send_out[g, e] > 0))
+        else:
+            m.Add(Ai[g] >= sum(int(inst.recv_i[e, g]) * v for e, v in rem))
+            m.Add(Ao[g] >= sum(int(inst.recv_o[e, g]) * v for e, v in rem))
+            m.Add(Ai[g] >= sum(int(inst.send_i[g, e]) * v for e, v in sent))
+            m.Add(Ao[g] >= sum(int(inst.send_o[g, e]) * v for e, v in sent))
         m.Add(T >= int(inst.a_u[g]) * sum(x[e][g] for e in range(E)) + int(inst.b_u[g]) * sum(y[e][g] for e in range(E))
               + 4 * (Ai[g] + Ao[g]) + sum(sync[g]) + int(inst.lat[g]))
     moved = np.zeros(G, dtype=np.int64)  # optimizer state moving to the hint's owners: a constant
@@ -193,6 +223,34 @@ def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed):
              "model_gap": _gap(solver.ObjectiveValue(), solver.BestObjectiveBound())})
 
 
+def _node_flows(m, inst: _Inst, x, y, l):
+    """Blocks of each expert leaving each node, `out[e, k] >= demand - service`, and those each
+    device receives from other nodes, `z[e, g]`: together at least the node's inflow
+    `service - demand`, each at most the device's remote blocks. The estimator spreads the
+    inflow over replicas by spare capacity; the model may choose (a relaxation)."""
+    E, G = inst.E, inst.G
+    out, z = {}, {}
+    for e in range(E):
+        Lb = int(inst.Lb[e])
+        for k in range(len(inst.nodes)):
+            devs = np.flatnonzero(inst.node_ix == k)
+            served = sum(y[e][int(g)] for g in devs)
+            d = int(inst.Db[k, e])
+            out[e, k] = m.NewIntVar(0, d, "")
+            m.Add(out[e, k] >= d - served)
+            # a node without a replica sends all its demand away: redundant for integer x, but it
+            # keeps the LP bound from hiding the slow links behind fractional replicas
+            m.Add(out[e, k] >= d - d * sum(x[e][int(g)] for g in devs))
+            inflow = m.NewIntVar(0, Lb, "")
+            m.Add(inflow >= served - d)
+            for g in devs:
+                g = int(g)
+                z[e, g] = m.NewIntVar(0, Lb, "")
+                m.Add(z[e, g] <= (y[e][g] - l[e, g] if (e, g) in l else y[e][g]))
+            m.Add(sum(z[e, int(g)] for g in devs) >= inflow)
+    return out, z
+
+
 def _limit(params, seconds: float, reproducible: bool) -> None:
     """A single worker stops on deterministic time (same seed, same plan), wall time being only a
     safety net; several workers stop on wall time."""
@@ -209,7 +267,8 @@ def _gap(obj, bound):
 
 
 def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
-    """Candidate warm starts, best first by the estimator: greedy, EPLB, wrap-around."""
+    """Candidate warm starts, best first by the estimator: greedy, EPLB, wrap-around, and the
+    node-aware constructions where the greedy did not already weigh them."""
     load = counts.sum(axis=0)
     gx, gs, go, ginfo = greedy(cluster, counts, current, interval=interval)
     cands = [("greedy", gx, gs, go)]
@@ -217,6 +276,11 @@ def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
     cands.append(("eplb", ex, es, pick_owner(cluster, ex, es, current)))
     mx, ms = mcnaughton(cluster, load)
     cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
+    if not any(k.startswith("nodes+") for k in ginfo.get("candidates", {})):
+        for name, hx, hs in hierarchical(cluster, counts):  # the greedy skipped them (too large)
+            own = pick_owner(cluster, hx, hs, current)
+            base = estimate(cluster, counts, hx, hs).total
+            cands += [(name, hx, hs, own), (name + "/owners", hx, hs, spread_owners(cluster, hx, base, own))]
     scored = sorted(((objective(cluster, counts, x, s, o, current, interval), i) for i, (_, x, s, o) in
                      enumerate(cands)))
     return [(cands[i], obj) for obj, i in scored], ginfo

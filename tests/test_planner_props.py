@@ -43,3 +43,18 @@ def test_ilp_valid_never_worse_than_hint_and_fallback_works(inst, budget):
         assert lp.info["returned"] == "greedy"
     else:
         assert lp.info["objective"] <= lp.info["hint_objective"] * (1 + 1e-9)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(2, 3), st.integers(1, 3), st.integers(1, 3), st.data())
+def test_node_aware_constructions_are_valid_placements(nodes, per_node, slots, data):
+    from planner.construct import hierarchical
+    c = make_cluster(nodes, per_node, slots, a=1e-5, fast=False)
+    G = nodes * per_node
+    E = data.draw(st.integers(1, G * slots))
+    counts = np.array(data.draw(st.lists(st.integers(0, 3000), min_size=G * E, max_size=G * E))).reshape(G, E)
+    for name, x, share in hierarchical(c, counts):
+        assert x.any(axis=1).all(), name  # every expert placed
+        assert (x.sum(axis=0) <= c.slots).all(), name
+        assert np.all(share[~x] == 0) and np.all(share >= 0)
+        np.testing.assert_allclose(share.sum(axis=1), 1.0)
