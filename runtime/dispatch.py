@@ -30,16 +30,39 @@ def apportion(total: int, weights: np.ndarray) -> np.ndarray:
     return base
 
 
-def route_tokens(counts: np.ndarray, share: np.ndarray) -> np.ndarray:
-    """`flow[src, expert, dst]` whole tokens: `route`'s local-first rule made integral.
+def _transport(send: np.ndarray, recv: np.ndarray) -> np.ndarray:
+    """Whole-token flows [source, replica] with row sums `send` and column sums `recv` (equal
+    totals), each source spread over the replicas in proportion to what they still take."""
+    f = np.zeros((len(send), len(recv)), dtype=np.int64)
+    if recv.sum() == 0:
+        return f
+    f = np.floor(np.outer(send, recv) / recv.sum()).astype(np.int64)
+    row, col = send - f.sum(1), recv - f.sum(0)
+    for s in range(len(send)):  # hand out what rounding left, in device order
+        g = 0
+        while row[s] > 0:
+            while col[g] == 0:
+                g += 1
+            k = min(row[s], col[g])
+            f[s, g] += k
+            row[s] -= k
+            col[g] -= k
+    return f
 
-    counts[src, expert] (one source per device), share[expert, device]. Each replica serves its
-    apportioned share of the expert's tokens; the local replica keeps its source's tokens first;
-    the rest are spread over the replicas' spare capacity in proportion, rounded so that every
-    source sends exactly its tokens and every replica receives exactly its demand.
+
+def route_tokens(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None) -> np.ndarray:
+    """`flow[src, expert, dst]` whole tokens: `cost_models.estimator.route`'s rule made integral.
+
+    counts[src, expert] (one source per device), share[expert, device], nodes[device] (None: one
+    node). Each replica serves its apportioned share of the expert's tokens; a source's own replica
+    keeps its tokens first; then, inside each node, min(what its sources still send, what its
+    replicas still take) moves between them; what is left crosses nodes, spread over the spare
+    capacity. Every source sends exactly its tokens and every replica receives exactly its demand.
     """
     counts = np.asarray(counts, dtype=np.int64)
     num_dev, num_exp = counts.shape
+    node = np.zeros(num_dev, dtype=np.int64) if nodes is None else np.asarray(nodes)
+    groups = [np.flatnonzero(node == k) for k in np.unique(node)] if nodes is not None else []
     flow = np.zeros((num_dev, num_exp, num_dev), dtype=np.int64)
     for e in range(num_exp):
         c = counts[:, e]
@@ -47,27 +70,23 @@ def route_tokens(counts: np.ndarray, share: np.ndarray) -> np.ndarray:
         local = np.minimum(c, demand)
         rest, cap = c - local, demand - local
         f = np.zeros((num_dev, num_dev), dtype=np.int64)
-        if cap.sum() > 0:
-            f = np.floor(np.outer(rest, cap) / cap.sum()).astype(np.int64)
-            row, col = rest - f.sum(1), cap - f.sum(0)
-            for s in range(num_dev):  # hand out what rounding left, in device order
-                g = 0
-                while row[s] > 0:
-                    while col[g] == 0:
-                        g += 1
-                    k = min(row[s], col[g])
-                    f[s, g] += k
-                    row[s] -= k
-                    col[g] -= k
+        for members in groups:  # inside each node first
+            moved = int(min(rest[members].sum(), cap[members].sum()))
+            if moved:
+                send, recv = apportion(moved, rest[members]), apportion(moved, cap[members])
+                f[np.ix_(members, members)] += _transport(send, recv)
+                rest[members] -= send
+                cap[members] -= recv
+        f += _transport(rest, cap)
         f[np.arange(num_dev), np.arange(num_dev)] += local
         flow[:, e, :] = f
     return flow
 
 
-def route_matches_estimator(counts: np.ndarray, share: np.ndarray) -> float:
+def route_matches_estimator(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None) -> float:
     """Largest per-link difference (tokens) between the integral routing and `route`; tests use it."""
-    flow = route_tokens(counts, share)
-    _, remote = route(counts, share)
+    flow = route_tokens(counts, share, nodes)
+    _, remote = route(counts, share, nodes)
     mine = flow.sum(axis=1).astype(np.float64)
     np.fill_diagonal(mine, 0.0)
     return float(np.abs(mine - remote).max())
@@ -107,7 +126,7 @@ def gather_counts(local: torch.Tensor, world: int, group=None) -> np.ndarray:
 
 
 def moe_apply(h: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, store, share: np.ndarray,
-              rank: int, world: int, group=None) -> tuple[torch.Tensor, np.ndarray]:
+              rank: int, world: int, group=None, nodes: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Experts' weighted output for tokens `h[N, d]` with top-k `idx`/`gate[N, k]`, and the counts.
 
     Pairs (token, expert) are sorted by expert; each expert's pairs are cut into chunks by
@@ -120,7 +139,7 @@ def moe_apply(h: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, store, sha
     order = torch.argsort(flat_e, stable=True)
     local_counts = torch.bincount(flat_e, minlength=num_exp)
     counts = gather_counts(local_counts, world, group)
-    flow = route_tokens(counts, share)
+    flow = route_tokens(counts, share, nodes)
     mine = flow[rank]  # [E, G]
     seg_start = np.concatenate([[0], np.cumsum(counts[rank])[:-1]])
     cut = np.concatenate([np.zeros((num_exp, 1), np.int64), np.cumsum(mine, axis=1)], axis=1)  # [E, G+1]

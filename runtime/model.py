@@ -74,10 +74,13 @@ class MoELayer(nn.Module):
         self.store = None
         self.share = None
         self.rank, self.world, self.group = 0, 1, None
+        self.nodes: np.ndarray | None = None  # node of each rank, for node-first dispatch (None: one node)
         self.last_counts: np.ndarray | None = None  # [sources, experts] of the last forward
 
-    def bind(self, store, share: np.ndarray, rank: int, world: int, group=None) -> None:
+    def bind(self, store, share: np.ndarray, rank: int, world: int, group=None,
+             nodes: np.ndarray | None = None) -> None:
         self.store, self.share, self.rank, self.world, self.group = store, share, rank, world, group
+        self.nodes = nodes
 
     def forward(self, x):
         b, t, d = x.shape
@@ -89,7 +92,8 @@ class MoELayer(nn.Module):
         e = self.cfg.num_experts
         frac = torch.bincount(idx.reshape(-1), minlength=e).to(probs.dtype) / idx.numel()
         aux = e * (frac * probs.mean(dim=0)).sum()
-        out, counts = moe_apply(h, idx, gate, self.store, self.share, self.rank, self.world, self.group)
+        out, counts = moe_apply(h, idx, gate, self.store, self.share, self.rank, self.world, self.group,
+                                self.nodes)
         self.last_counts = counts
         return out.view(b, t, d), aux
 

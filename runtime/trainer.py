@@ -121,18 +121,20 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
             mm.copy_(moments[0, l, e])
             vv.copy_(moments[1, l, e])
 
+    cluster = Cluster.load(cfg.cluster) if cfg.cluster else local_cpu(
+        int(plan.slots.max()), ExpertShape(m.d_model, m.d_ff, "fp32"), world)
+    if cluster.num_devices != world:
+        raise InputError(f"cluster has {cluster.num_devices} devices, training has {world} ranks", cfg.cluster)
+    nodes = cluster.node_of if cluster.num_nodes > 1 else None  # dispatch by the estimator's rule
+
     def bind():
         for l, layer in enumerate(model.moe_layers):
-            layer.bind(rt.stores[l], rt.share(l), rank, world, group)
+            layer.bind(rt.stores[l], rt.share(l), rank, world, group, nodes)
     bind()
     data = Batches(load_corpus(cfg.data), m.seq_len, cfg.batch, world, rank, cfg.seed)
     monitor = Monitor(record=bool(cfg.trace_out) and rank == 0)
     replanner = None
     if cfg.policy != "static":
-        cluster = Cluster.load(cfg.cluster) if cfg.cluster else local_cpu(
-            int(plan.slots.max()), ExpertShape(m.d_model, m.d_ff, "fp32"), world)
-        if cluster.num_devices != world:
-            raise InputError(f"cluster has {cluster.num_devices} devices, training has {world} ranks", cfg.cluster)
         replanner = Replanner(cfg.policy, rank=rank, world=world, num_experts=m.num_experts, slots=plan.slots,
                               layers=m.n_layers, cluster=cluster, solver=cfg.solver, time_budget=cfg.time_budget,
                               interval=cfg.interval, threshold=cfg.threshold, seed=cfg.seed, faults=cfg.faults,
