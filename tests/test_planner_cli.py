@@ -62,3 +62,17 @@ def test_mismatched_current_plan_is_rejected(files, capsys):
                str(files / "x.json"), "--current", str(out), "--layers", "0")
     assert code == 2 and "layers" in capsys.readouterr().err
     assert json.loads(out.read_text())["schema"] == "flexmoe.plan/1"
+
+
+def test_plan_exports_eplb_mapping(files):
+    from planner.eplb_mapping import load_eplb
+
+    out, mapping = files / "plan.json", files / "mapping.npz"
+    assert run("plan", "-c", str(files / "cluster.json"), "-t", str(files / "trace.npz"), "-o", str(out),
+               "--solver", "eplb", "--eplb-out", str(mapping)) == 0
+    plan, back = Plan.load(out), load_eplb(mapping, 4)
+    for a, b in zip(plan.layers, back.layers):
+        assert np.array_equal(a.assign, b.assign) and np.allclose(a.share, b.share)
+    with np.load(mapping) as d:
+        assert d["phy2log"].shape == (2, 12)
+        assert d["logcnt"].sum(axis=1).tolist() == [int((l.assign >= 0).sum()) for l in plan.layers]

@@ -11,6 +11,7 @@ import typer
 from cost_models.cluster import Cluster
 from cost_models.estimator import estimate, fold_sources
 from cost_models.files import InputError
+from planner.eplb_mapping import save_eplb
 from planner.moves import diff, summarize
 from planner.plan import Plan, static_layer
 from planner.solve import PREDICTORS, SOLVERS, make_plan, predict
@@ -58,7 +59,9 @@ def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.
          current: Annotated[Path | None, typer.Option(help="plan in force; migration is counted against it")] = None,
          layers: Annotated[str, typer.Option(help="comma-separated layer positions (default: all)")] = "",
          interval: Annotated[int, typer.Option(help="steps until the next re-plan (amortises migration)")] = 50,
-         workers: int = 1, seed: int = 0) -> None:
+         workers: int = 1, seed: int = 0,
+         eplb_out: Annotated[Path | None, typer.Option(help="also write DeepSeek EPLB's mapping tensors "
+                                                             "(phy2log, log2phy, logcnt) to this .npz")] = None) -> None:
     """Plan a placement and print balance, estimated step time, bound, gap and migration."""
     c = Cluster.load(cluster)
     t = Trace.load(trace)
@@ -83,6 +86,8 @@ def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.
                                                     for i in sel.layer_ids])
     moves = summarize(diff(before, new, c))
     new.save(output)
+    if eplb_out is not None:
+        save_eplb(new, eplb_out)
     _summary(c, loads, before, new, moves, "current plan" if cur is not None else "static EP")
 
 
