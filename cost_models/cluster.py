@@ -54,6 +54,11 @@ class ExpertShape:
         """Adam in mixed precision: fp32 master weights plus two fp32 moments."""
         return self.params * 12
 
+    def memory_bytes(self, owner: bool = True) -> int:
+        """Device memory one replica holds: weights and gradients, plus the optimizer state
+        when it is the expert's owner (only owners keep optimizer state, see DESIGN.md)."""
+        return 2 * self.param_bytes + (self.optimizer_bytes if owner else 0)
+
     @property
     def flops_per_token(self) -> float:
         """Forward (two GEMMs, 2 flops per multiply-add) plus backward (twice the forward)."""

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from cost_models.files import InputError
-from flexmoe.commands import cluster, compare, plan, trace, train
+from flexmoe.commands import cluster, compare, plan, profile, trace, train
 
 app = typer.Typer(help="FlexMoE: profile a cluster, plan expert placement, train, compare policies.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -16,6 +16,7 @@ app.add_typer(cluster.app, name="cluster")
 app.command("plan")(plan.plan)
 app.command("compare")(compare.compare_cmd)
 app.command("train")(train.train_cmd)
+app.command("profile")(profile.profile_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
