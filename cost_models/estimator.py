@@ -8,7 +8,9 @@ state). For device g in one training step:
 - all-to-all: four phases (dispatch and combine, forward and backward); in each, a device's
   time on a link class is the larger of what it sends and what it receives over that class,
   bytes times seconds-per-byte, plus one latency per peer per phase;
-- replica sync: each non-owner replica sends its gradient to the owner and gets weights back.
+- replica sync, two phases in sequence (the owner can only send fresh weights once it has the
+  gradients): followers send gradients to owners, then owners send weights back; in each phase a
+  device's time on a link class is the larger of what it sends and what it receives.
 
 The layer's step time is the slowest device's total. Routing is hierarchical (`route`): a
 source whose own device holds a replica of the expert keeps as many of its tokens there as that
@@ -30,6 +32,8 @@ from cost_models.cluster import Cluster
 from cost_models.files import InputError
 
 A2A_PHASES = 4
+# Replica sync runs in two phases; a planner's per-pair sync term is this many replica transfers.
+SYNC_PHASES = 2
 
 
 @dataclass
@@ -136,12 +140,12 @@ def port_time(cluster: Cluster, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def sync_bytes(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """[src, dst] bytes per step of replica synchronisation: gradient to the owner, weights back."""
+    """[follower device, owner device] bytes of the gradient phase of replica sync (the weight
+    phase is its transpose)."""
     onehot = np.zeros_like(x, dtype=np.float64)
     onehot[np.arange(x.shape[0]), owner] = 1.0
     followers = x & (onehot == 0)  # replicas that are not the owner
-    pairs = followers.astype(np.float64).T @ onehot  # [replica device, owner device]: expert count
-    return cluster.expert.param_bytes * (pairs + pairs.T)
+    return cluster.expert.param_bytes * (followers.astype(np.float64).T @ onehot)
 
 
 def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndarray,
@@ -171,8 +175,11 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     if owner is None:
         sync = np.zeros(num_devices)
     else:
-        ssi, sri, sso, sro = port_time(cluster, sync_bytes(cluster, x, np.asarray(owner)))
-        sync = np.maximum(ssi, sri) + np.maximum(sso, sro)
+        grads = sync_bytes(cluster, x, np.asarray(owner))
+        sync = np.zeros(num_devices)
+        for phase in (grads, grads.T):  # gradients to owners, then weights back
+            si_, ri_, so_, ro_ = port_time(cluster, phase)
+            sync += np.maximum(si_, ri_) + np.maximum(so_, ro_)
     return Breakdown(tokens, compute, half * (si + si2), half * (ri + ri2), half * (so + so2), half * (ro + ro2),
                      a2a, sync, compute + a2a + sync)
 

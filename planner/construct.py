@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from cost_models.cluster import Cluster
+from cost_models.estimator import SYNC_PHASES
 
 SEARCH_STEPS = 40
 SEARCH_TOLERANCE = 1e-3  # relative: a finer target changes no placement that matters
@@ -181,7 +182,7 @@ def hierarchical(cluster: Cluster, counts: np.ndarray, extras=None) -> list[tupl
         return []
     if extras is None:
         extras = sorted({0, spare} | {v for v in (1, 2, 4, 8, 16, 32) if v < spare} | {spare // 2})
-    sync_s = cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
+    sync_s = SYNC_PHASES * cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
     out = []
     for extra in extras:
         budget = _budgets(node_slots, E + int(extra))
@@ -331,13 +332,13 @@ def pack_node(load: np.ndarray, fixed: np.ndarray, a: np.ndarray, b: np.ndarray,
 
 def spread_owners(cluster: Cluster, x: np.ndarray, base: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """Owners for the experts with replicas on several nodes, chosen so that their weight sync
-    (the owner pays one replica's bytes per follower, each follower one, over the link between
-    them: seconds `param_bytes / beta`) lands on devices with time to spare. `base[g]`: the
+    (the owner pays a replica's bytes per follower and phase, each follower the same, over the
+    link between them: seconds `SYNC_PHASES * param_bytes / beta`) lands on devices with time to spare. `base[g]`: the
     device's seconds without sync; `owner`: the owners to keep for the other experts. Greedy,
     experts with the most replicas first; ties to the lowest device id."""
     x = np.asarray(x, bool)
     owner = np.asarray(owner).copy()
-    cost = cluster.expert.param_bytes * cluster.inv_beta  # [follower, owner] seconds, symmetric here
+    cost = SYNC_PHASES * cluster.expert.param_bytes * cluster.inv_beta  # [follower, owner] seconds, symmetric here
     node = cluster.node_of
     cross = np.array([len(set(node[x[e]].tolist())) > 1 for e in range(x.shape[0])])
     sync = np.zeros(x.shape[1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import estimate
+from cost_models.estimator import SYNC_PHASES, estimate
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
 from planner.score import even_shares, objective, pick_owner
@@ -65,8 +65,8 @@ class _State:
         k = np.arange(len(es))
         rows = np.asarray(rows, bool)
         rf = rows.astype(np.float64)
-        # sync: each follower and its owner pay one replica's bytes over their link
-        f = rf * self.invb[:, owners].T * self.P
+        # sync: each follower and its owner pay a replica's bytes per phase over their link
+        f = SYNC_PHASES * rf * self.invb[:, owners].T * self.P
         f[k, owners] = 0.0
         f[k, owners] = f.sum(axis=1)
         # migration: new replicas copy from the same node if the expert is there, else from the owner

@@ -14,7 +14,8 @@ latency, all linear:
   solver); the rest of the remote traffic is charged at intra-node cost. So a plan that serves
   each node's demand on that node is seen to save the slow links. On one node (or a per-node
   subproblem) a device receives `y - l` remote blocks and sends `c - l`, at intra-node cost;
-- sync: each follower replica and its owner pay one replica's bytes over the link between them.
+- sync: each follower replica and its owner pay a replica's bytes per sync phase (gradients,
+  then weights) over the link between them.
 Objective `interval * T + migration` (migration: the busiest receiver's new weights and moved
 optimizer state, against the current placement). The plan is then re-scored by the estimator;
 the model is a faithful linearisation, not the estimator itself, so if the estimator ranks the
@@ -30,7 +31,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import estimate
+from cost_models.estimator import SYNC_PHASES, estimate
 from cost_models.files import InputError
 from planner.baselines import eplb
 from planner.construct import hierarchical, mcnaughton, spread_owners
@@ -92,7 +93,7 @@ class _Inst:
         # a source's part of its node's outflow, as its part of the node's demand
         part = self.cb / np.maximum(self.Db[self.node_ix], 1)
         self.send_out = q(tb * self.U * co * part)  # [G, E] per block leaving the node
-        self.sync = q(P * invb)  # [G, G]: a follower on row, its owner on column
+        self.sync = q(SYNC_PHASES * P * invb)  # [G, G]: a follower on row, its owner on column
         self.lat = q(4 * cluster.alpha[np.ix_(d, d)].sum(axis=1))
         self.mig_new = np.zeros((self.E, self.G), dtype=np.int64)
         self.mig_own = np.zeros((self.E, self.G), dtype=np.int64)
