@@ -40,7 +40,11 @@ def show_cmd(path: Path) -> None:
     c = Cluster.load(path)
     typer.echo(f"{path}: {c.name}, {c.num_devices} devices on {c.num_nodes} nodes, "
                f"expert {c.expert.hidden}x{c.expert.ffn} {c.expert.dtype} ({c.expert.param_bytes / 2**20:.1f} MiB)")
-    typer.echo(f"provenance: {c.provenance}")
+    # Profiled files keep every sample in their provenance; show the short facts only.
+    facts = {k: v for k, v in c.provenance.items() if isinstance(v, (str, int, float, bool))}
+    typer.echo("provenance: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
+    for ref in c.provenance.get("references", []):
+        typer.echo(f"  source: {ref}")
     for name, link in c.links.items():
         typer.echo(f"link {name}: alpha {link.alpha * 1e6:.1f} us, beta {link.beta / 1e9:.2f} GB/s")
     typer.echo(f"{'id':>3} {'node':>4} {'kind':<18} {'slots':>5} {'a (us)':>9} {'b (ns/token)':>13}")
