@@ -119,7 +119,7 @@ def _round_blocks(share, Lb):
     return y
 
 
-def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed):
+def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed, reproducible=False):
     """Build, hint and solve the model; (status name, x, share, owner, objective, bound, info)."""
     t_build = time.perf_counter()
     m = cp_model.CpModel()
@@ -188,7 +188,6 @@ def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed):
     fixed = m.clone()
     for v, val in main:
         fixed.Add(v == val)
-    reproducible = int(workers) == 1
     fill = cp_model.CpSolver()
     fill.parameters.num_workers = 1
     fill.parameters.random_seed = int(seed)
@@ -253,8 +252,8 @@ def _node_flows(m, inst: _Inst, x, y, l):
 
 
 def _limit(params, seconds: float, reproducible: bool) -> None:
-    """A single worker stops on deterministic time (same seed, same plan), wall time being only a
-    safety net; several workers stop on wall time."""
+    """The reproducible mode stops on deterministic time (same seed, same plan), wall time being
+    only a safety net; otherwise the budget is wall time."""
     seconds = max(seconds, 1e-4)
     if reproducible:
         params.max_deterministic_time = seconds
@@ -288,31 +287,37 @@ def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
 
 
 def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, time_budget: float = 1.0,
-        workers: int = 1, seed: int = 0, interval: int = 50):
-    """(x, share, owner, info). Falls back to the greedy plan if the solver returns no solution."""
+        workers: int = 1, seed: int = 0, interval: int = 50, reproducible: bool = False):
+    """(x, share, owner, info). Falls back to the greedy plan if the solver returns no solution.
+
+    `time_budget` is wall-clock seconds for the whole call, hints included. `reproducible`: one
+    worker stopping on CP-SAT's deterministic time instead, so the same seed gives the same plan
+    on any machine load (wall time may then exceed the budget)."""
+    if reproducible:
+        workers = 1
     if not time_budget > 0:
         raise InputError(f"the time budget must be positive seconds, got {time_budget}")
     t0 = time.perf_counter()
     ranked, ginfo = hints(cluster, counts, current, interval)
     (hname, hx, hs, ho), hobj = ranked[0]
     greedy_plan = next(c for c, _ in ranked if c[0] == "greedy")
-    # a single worker is the reproducible mode: its budget must not depend on the wall clock
-    left = time_budget if workers == 1 else max(time_budget - (time.perf_counter() - t0), 1e-3)
+    # the reproducible mode's budget must not depend on the wall clock
+    left = time_budget if reproducible else max(time_budget - (time.perf_counter() - t0), 1e-3)
     load = counts.sum(axis=0).astype(np.float64)
     E, G = len(load), cluster.num_devices
     cur_x = current.replicas() if current is not None else None
     cur_owner = current.owner if current is not None else None
     info = {"solver": "ilp", "hint": hname, "hint_objective": hobj, "time_budget": time_budget,
-            "workers": workers, "seed": seed}
+            "workers": workers, "seed": seed, "reproducible": reproducible}
     if E * G <= MAX_CELLS or cluster.num_nodes == 1:
         inst = _Inst(cluster, np.arange(G), load, counts, hs, cur_x, cur_owner, interval)
-        status, x, share, owner, obj, bound, extra = _solve(inst, hx, hs, ho, left, workers, seed)
+        status, x, share, owner, obj, bound, extra = _solve(inst, hx, hs, ho, left, workers, seed, reproducible)
         info.update(status=status.lower(), decomposed=False, **extra)
         if x is not None:
             info.update(model_objective_s=obj, bound_s=bound)
     else:
         status, x, share, owner, extra = _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval,
-                                                  left, workers, seed)
+                                                  left, workers, seed, reproducible)
         info.update(status=status, decomposed=True, **extra)
     if x is None and info.get("hint_completed"):  # no better solution in time; the hint stands
         info.update(returned="hint")
@@ -342,7 +347,8 @@ def _keep_owner(cluster, x, share, owner, current):
     return owner
 
 
-def _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval, budget, workers, seed):
+def _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval, budget, workers, seed,
+             reproducible=False):
     """Nodes then devices: keep the hint's share of each expert per node, re-solve each node."""
     nodes = np.unique(cluster.node_of)
     x = np.zeros_like(hx)
@@ -366,11 +372,11 @@ def _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval, budg
         sub_ho = np.array([int(np.argmax(sub_hs[i])) for i in range(len(experts))])
         inst = _Inst(cluster, devs, sub_load, sub_src, sub_hs, sub_cx, sub_co, interval, inter_ok=False)
         st, sx, ss, so, _, _, extra = _solve(inst, hx[np.ix_(experts, devs)], sub_hs, sub_ho,
-                                             budget / (len(nodes) - k if workers != 1 else len(nodes)),
-                                             workers, seed)
+                                             budget / (len(nodes) if reproducible else len(nodes) - k),
+                                             workers, seed, reproducible)
         statuses.append(st.lower())
         wall += extra["wall_s"]
-        if workers != 1:
+        if not reproducible:
             budget -= extra["wall_s"]
         if sx is None:
             sx, ss = hx[np.ix_(experts, devs)], sub_hs

@@ -20,8 +20,11 @@ PREDICTORS = ("last", "mean", "ema")
 
 def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, solver: str = "greedy",
                time_budget: float = 1.0, workers: int = 1, seed: int = 0, interval: int = 50,
-               layer_id: int = 0) -> LayerPlan:
-    """Plan one layer for `counts[source, expert]`; `info` holds the estimator's view of the result."""
+               layer_id: int = 0, reproducible: bool = False) -> LayerPlan:
+    """Plan one layer for `counts[source, expert]`; `info` holds the estimator's view of the result.
+
+    `time_budget` is wall-clock seconds (the ILP's); `reproducible` makes the ILP single-worker on
+    deterministic time, so a fixed seed gives the same plan whatever the machine's load."""
     from planner import score
     counts = score.check_inputs(cluster, counts, current, solver, interval)
     t0 = time.perf_counter()
@@ -36,7 +39,7 @@ def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None =
     elif solver == "ilp":
         from planner.ilp import ilp
         x, sh, own, info = ilp(cluster, counts, current, time_budget=time_budget, workers=workers, seed=seed,
-                               interval=interval)
+                               interval=interval, reproducible=reproducible)
     else:
         from planner import baselines
         x, sh, own, info = baselines.run(solver, cluster, counts, current, interval)

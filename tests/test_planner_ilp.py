@@ -40,7 +40,7 @@ def test_ilp_matches_brute_force_on_tiny_instances(load, G, slots):
     a, b = 2e-5, 1e-6
     c = make_cluster(per_node=G, slots=slots, a=a, b=b)
     counts = spread(load, G)
-    lp = plan_layer(c, counts, solver="ilp", time_budget=2.0, workers=1)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=2.0, reproducible=True)
     opt = best_makespan(np.array(load, float), c.slots, a, b)
     assert lp.info["step_time_s"] <= opt * 1.01  # token blocks of 1/1000 of the load
     assert lp.info["step_time_s"] >= opt * (1 - 1e-9)
@@ -49,7 +49,7 @@ def test_ilp_matches_brute_force_on_tiny_instances(load, G, slots):
 def test_ilp_is_never_worse_than_its_hint():
     c = make_cluster(nodes=2, per_node=3, slots=2, a=1e-5, fast=False)
     counts = spread([900, 50, 300, 10, 10, 700, 40, 5], 6, seed=2)
-    lp = plan_layer(c, counts, solver="ilp", time_budget=0.5, workers=1)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=0.5, reproducible=True)
     assert lp.info["objective"] <= lp.info["hint_objective"] * (1 + 1e-9)
     assert lp.info["returned"] in ("ilp", "hint")
 
@@ -57,8 +57,8 @@ def test_ilp_is_never_worse_than_its_hint():
 def test_single_worker_fixed_seed_is_reproducible():
     c = make_cluster(nodes=2, per_node=2, slots=3, a=1e-5, fast=False)
     counts = spread([500, 300, 200, 100, 50, 20], 4, seed=5)
-    a = plan_layer(c, counts, solver="ilp", time_budget=0.3, workers=1, seed=7)
-    b = plan_layer(c, counts, solver="ilp", time_budget=0.3, workers=1, seed=7)
+    a = plan_layer(c, counts, solver="ilp", time_budget=0.3, seed=7, reproducible=True)
+    b = plan_layer(c, counts, solver="ilp", time_budget=0.3, seed=7, reproducible=True)
     assert np.array_equal(a.assign, b.assign) and np.allclose(a.share, b.share)
 
 
@@ -75,7 +75,7 @@ def test_solver_failure_returns_the_greedy_plan_and_says_so(monkeypatch):
 def test_tiny_budget_still_gives_a_valid_plan():
     c = make_cluster(nodes=2, per_node=4, slots=3, a=1e-5, fast=False)
     counts = spread(np.arange(1, 17) ** 2 * 10, 8)
-    lp = plan_layer(c, counts, solver="ilp", time_budget=1e-4, workers=1)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=1e-4, reproducible=True)
     lp.validate(c.slots)
     assert lp.info["fallback"] or lp.info["status"] in ("optimal", "feasible") or lp.info["returned"] == "hint"
     assert lp.info["objective"] <= plan_layer(c, counts, solver="greedy").info["objective"] * (1 + 1e-9)
@@ -85,7 +85,7 @@ def test_large_instances_are_decomposed_by_node(monkeypatch):
     monkeypatch.setattr(ilp_mod, "MAX_CELLS", 16)
     c = make_cluster(nodes=2, per_node=3, slots=3, a=1e-5, fast=False)
     counts = spread([900, 50, 300, 10, 10, 700, 40, 5, 300], 6, seed=4)
-    lp = plan_layer(c, counts, solver="ilp", time_budget=0.5, workers=1)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=0.5, reproducible=True)
     lp.validate(c.slots)
     assert lp.info["decomposed"] is True
     assert lp.info["objective"] <= lp.info["hint_objective"] * (1 + 1e-9)

@@ -37,7 +37,7 @@ def test_any_valid_input_gives_a_valid_plan(inst, solver, with_current):
 @given(instances(), st.sampled_from([1e-4, 0.05]))
 def test_ilp_valid_never_worse_than_hint_and_fallback_works(inst, budget):
     c, counts = inst
-    lp = plan_layer(c, counts, solver="ilp", time_budget=budget, workers=1)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=budget, reproducible=True)
     lp.validate(c.slots)
     if lp.info["fallback"]:
         assert lp.info["returned"] == "greedy"

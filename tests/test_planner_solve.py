@@ -67,7 +67,7 @@ def test_eplb_readme_regression_busiest_gpu(solver):
     published = from_eplb(EPLB_PHY2LOG, 8, 12)
     for i in range(2):
         counts = spread(EPLB_WEIGHT[i], 8, seed=i)
-        lp = plan_layer(c, counts, solver=solver, time_budget=1.0, workers=1)
+        lp = plan_layer(c, counts, solver=solver, time_budget=1.0, reproducible=True)
         ours = gpu_tokens(EPLB_WEIGHT[i], lp.shares()).max()
         theirs = gpu_tokens(EPLB_WEIGHT[i], published.layers[i].shares()).max()
         assert ours <= theirs + 1e-6
