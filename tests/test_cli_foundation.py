@@ -78,3 +78,12 @@ def test_failed_write_leaves_previous_file(tmp_path, monkeypatch):
         Trace(np.zeros((1, 1, 1, 2), dtype=int)).save(out)
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    Trace(np.ones((1, 1, 1, 2), dtype=int)).save(tmp_path / "t.npz")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "t.npz").stat().st_mode & 0o777 == 0o666 & ~mask
