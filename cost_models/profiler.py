@@ -29,6 +29,7 @@ import numpy as np
 from cost_models.cluster import INTER, INTRA, Cluster, Device, ExpertShape
 from cost_models.files import InputError
 from cost_models.fit import fit_compute, fit_link
+from cost_models.launch import free_port, spawn_local, under_torchrun
 
 KiB, MiB = 2**10, 2**20
 STATISTICS = {"median": np.median, "min": np.min}
@@ -59,10 +60,6 @@ class ProfileOptions:
 
 
 # ----------------------------------------------------------------------------- launching
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def resolve_device(device: str) -> tuple[str, str]:
     """(device type, backend), or an InputError saying what is missing."""
     import torch
@@ -84,11 +81,6 @@ def resolve_device(device: str) -> tuple[str, str]:
     return "cpu", "gloo"
 
 
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def profile(opts: ProfileOptions) -> Cluster | None:
@@ -129,24 +121,6 @@ def _spawn(opts: ProfileOptions, device: str, backend: str) -> dict:
         os.unlink(result)
 
 
-def spawn_local(fn, args: tuple, nprocs: int, timeout_s: float, what: str) -> None:
-    """`fn(rank, *args)` in `nprocs` fresh processes; wait at most `timeout_s`, never leave one behind."""
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
-
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise InputError(f"{what} did not finish within {timeout_s:.0f} s; workers stopped")
-    except ProcessException as exc:  # a worker raised or died
-        raise RuntimeError(f"a {what} worker failed: {exc}") from None
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
 
 
 def _spawned_worker(rank: int, world: int, port: int, device: str, backend: str, opts: ProfileOptions,

@@ -262,8 +262,8 @@ def validate(cluster: Cluster, *, num_experts: int = 8, tokens: int = 2048, step
 
     The measured step is the slowest rank's, summarised over the timed steps by the statistic the
     cluster was profiled with (so both sides of the comparison are measured alike)."""
-    from cost_models.profiler import (STATISTICS, ProfileOptions, build_cluster, cpu_pressure, free_port,
-                                      resolve_device, spawn_local)
+    from cost_models.launch import free_port, spawn_local
+    from cost_models.profiler import STATISTICS, ProfileOptions, build_cluster, cpu_pressure, resolve_device
 
     statistic = statistic or cluster.provenance.get("statistic", "median")
     if statistic not in STATISTICS:

@@ -20,9 +20,13 @@ app.add_typer(trace.app, name="trace")
 app.add_typer(cluster.app, name="cluster")
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input becomes one message on stderr and exit status 2."""
+    """Entry point: bad input becomes one message on stderr and exit status 2; a run that timed
+    out, one message and status 1."""
     try:
         app(args=argv, prog_name="flexmoe")
     except InputError as exc:
         print(f"flexmoe: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TimeoutError as exc:  # workers that did not finish in time were stopped
+        print(f"flexmoe: error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -8,25 +8,13 @@ torn down: a failed or hung rank must not leave the others waiting forever.
 from __future__ import annotations
 
 import os
-import socket
-import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from cost_models.launch import free_port, spawn_local
 from runtime.trainer import TrainConfig, train
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def under_torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
 def _worker(rank: int, world: int, port: int, cfg: TrainConfig, threads: int, pg_timeout: float) -> None:
@@ -47,21 +35,7 @@ def spawn(cfg: TrainConfig, world: int, *, threads: int = 1, timeout: float = 36
         torch.set_num_threads(threads)
         train(0, 1, cfg)
         return
-    ctx = mp.start_processes(_worker, args=(world, free_port(), cfg, threads, pg_timeout), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"training did not finish within {timeout:g} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-        for p in ctx.processes:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
+    spawn_local(_worker, (world, free_port(), cfg, threads, pg_timeout), world, timeout, "training")
 
 
 def run_torchrun(cfg: TrainConfig) -> None:

@@ -46,7 +46,8 @@ def train_cmd(
     progress: Annotated[bool, Opt(help="progress bar on rank 0")] = True,
 ) -> None:
     """Train an MoE GPT; experts are re-placed live by the chosen policy."""
-    from runtime.launch import run_torchrun, spawn, under_torchrun
+    from cost_models.launch import under_torchrun
+    from runtime.launch import run_torchrun, spawn
     from runtime.model import ModelConfig
     from runtime.trainer import TrainConfig
 

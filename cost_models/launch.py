@@ -1,0 +1,45 @@
+"""Starting local worker processes for torch.distributed: shared by the profiler, the estimator's
+validation and `flexmoe train`. torch is imported inside the functions, so this module stays
+importable without it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    """torchrun (and other elastic launchers) set these for every rank."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
+def spawn_local(fn, args: tuple, nprocs: int, timeout_s: float, what: str) -> None:
+    """`fn(rank, *args)` in `nprocs` fresh processes. Raises TimeoutError after `timeout_s`, and
+    RuntimeError naming `what` when a worker fails; never leaves a worker behind."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not finish within {timeout_s:g} s; workers stopped")
+    except ProcessException as exc:  # a worker raised or died
+        raise RuntimeError(f"a {what} worker failed: {exc}") from None
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ctx.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
