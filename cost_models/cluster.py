@@ -196,6 +196,12 @@ class Cluster:
     def with_slots(self, slots: int) -> "Cluster":
         return replace(self, devices=tuple(replace(d, slots=slots) for d in self.devices))
 
+    def compute_only(self) -> "Cluster":
+        """This cluster with links that cost nothing: planning on it balances compute alone
+        (what EPLB aims at), which suits inference and clusters whose links are never the limit."""
+        free = Link(alpha=0.0, beta=1e30)
+        return replace(self, name=f"{self.name} (compute only)", links={k: free for k in self.links}, pairs={})
+
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA,

@@ -11,21 +11,36 @@ import time
 import numpy as np
 
 from cost_models.cluster import Cluster
+from cost_models.estimator import estimate
 from cost_models.files import InputError
 from planner.plan import LayerPlan, Plan, static_layer
 
 SOLVERS = ("static", "greedy", "ilp", "eplb", "shadow", "capacity")
 PREDICTORS = ("last", "mean", "ema")
+OBJECTIVES = ("time", "balance")
 
 
 def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, solver: str = "greedy",
                time_budget: float = 1.0, workers: int = 1, seed: int = 0, interval: int = 50,
-               layer_id: int = 0, reproducible: bool = False) -> LayerPlan:
+               layer_id: int = 0, reproducible: bool = False, objective: str = "time") -> LayerPlan:
     """Plan one layer for `counts[source, expert]`; `info` holds the estimator's view of the result.
 
     `time_budget` is wall-clock seconds (the ILP's); `reproducible` makes the ILP single-worker on
-    deterministic time, so a fixed seed gives the same plan whatever the machine's load."""
+    deterministic time, so a fixed seed gives the same plan whatever the machine's load.
+    `objective`: "time" minimises the estimated step (compute, all-to-all, sync, migration);
+    "balance" minimises the compute makespan alone, as if links were free; then `objective`,
+    `gap` and the bounds in `info` are the compute model's, while `step_time_s` and `migration_s`
+    are still estimated on the real cluster."""
     from planner import score
+    if objective not in OBJECTIVES:
+        raise InputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective == "balance":
+        lp = plan_layer(cluster.compute_only(), counts, current, solver=solver, time_budget=time_budget,
+                        workers=workers, seed=seed, interval=interval, layer_id=layer_id, reproducible=reproducible)
+        real = estimate(cluster, counts, lp.replicas(), lp.shares(), lp.owner)
+        lp.info.update(objective_kind="balance", step_time_s=real.step_time,
+                       migration_s=score.migration_s(cluster, current, lp.replicas(), lp.owner, interval))
+        return lp
     counts = score.check_inputs(cluster, counts, current, solver, interval)
     t0 = time.perf_counter()
     num_experts = counts.shape[1]
@@ -44,6 +59,7 @@ def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None =
         from planner import baselines
         x, sh, own, info = baselines.run(solver, cluster, counts, current, interval)
     info["solve_time_s"] = time.perf_counter() - t0
+    info["objective_kind"] = "time"
     return score.finish(cluster, counts, x, sh, own, current, interval, layer_id, info)
 
 

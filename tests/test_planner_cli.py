@@ -76,3 +76,15 @@ def test_plan_exports_eplb_mapping(files):
     with np.load(mapping) as d:
         assert d["phy2log"].shape == (2, 12)
         assert d["logcnt"].sum(axis=1).tolist() == [int((l.assign >= 0).sum()) for l in plan.layers]
+
+
+def test_plan_balance_objective_and_bad_objective(files, capsys):
+    out = files / "plan.json"
+    args = ["plan", "-c", str(files / "cluster.json"), "-t", str(files / "trace.npz"), "-o", str(out),
+            "--time-budget", "0.2"]
+    assert run(*args, "--objective", "balance") == 0
+    assert Plan.load(out).layers[0].info["objective_kind"] == "balance"
+    assert "compute makespan" in capsys.readouterr().out
+    out.unlink()
+    assert run(*args, "--objective", "speed") == 2 and not out.exists()
+    assert "unknown --objective" in capsys.readouterr().err

@@ -167,3 +167,16 @@ def test_spread_owners_moves_the_slow_syncs_off_a_busy_device():
     # (as a follower) and keeps the other sync inside node 1. Expert 1 has one replica: kept.
     owner = spread_owners(c, x, np.array([1.0, 0.0, 0.0, 0.0]), np.array([0, 1]))
     assert owner.tolist() == [2, 1]
+
+
+def test_balance_objective_plans_compute_alone_and_reports_the_real_step():
+    c = make_cluster(nodes=2, per_node=2, slots=2, a=1e-5, fast=False)
+    counts = spread([900, 300, 200, 100], 4, seed=3)
+    lp = plan_layer(c, counts, solver="ilp", time_budget=1.0, objective="balance", reproducible=True)
+    assert lp.info["objective_kind"] == "balance" and lp.info["gap"] < 0.02
+    real = estimate(c, counts, lp.replicas(), lp.shares(), lp.owner)
+    assert lp.info["step_time_s"] == pytest.approx(real.step_time)
+    timed = plan_layer(c, counts, solver="ilp", time_budget=1.0, reproducible=True)
+    assert timed.info["objective_kind"] == "time" and timed.info["step_time_s"] <= real.step_time * (1 + 1e-9)
+    with pytest.raises(InputError, match="unknown objective"):
+        plan_layer(c, counts, solver="greedy", objective="speed")

@@ -14,7 +14,7 @@ from cost_models.files import InputError
 from planner.eplb_mapping import save_eplb
 from planner.moves import diff, summarize
 from planner.plan import Plan, static_layer
-from planner.solve import PREDICTORS, SOLVERS, make_plan, predict
+from planner.solve import OBJECTIVES, PREDICTORS, SOLVERS, make_plan, predict
 from planner.trace import Trace
 
 
@@ -60,6 +60,9 @@ def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.
          layers: Annotated[str, typer.Option(help="comma-separated layer positions (default: all)")] = "",
          interval: Annotated[int, typer.Option(help="steps until the next re-plan (amortises migration)")] = 50,
          workers: int = 1, seed: int = 0,
+         objective: Annotated[str, typer.Option(help="time: minimise the estimated step (compute, all-to-all, "
+                                                     "sync, migration); balance: the compute makespan alone")]
+         = "time",
          eplb_out: Annotated[Path | None, typer.Option(help="also write DeepSeek EPLB's mapping tensors "
                                                              "(phy2log, log2phy, logcnt) to this .npz")] = None) -> None:
     """Plan a placement and print balance, estimated step time, bound, gap and migration."""
@@ -79,8 +82,10 @@ def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.
             raise InputError(f"the current plan has {cur.num_experts} experts, the trace {sel.num_experts}", current)
         if len(cur.layers) != sel.num_layers:
             raise InputError(f"the current plan has {len(cur.layers)} layers, {sel.num_layers} are planned", current)
+    if objective not in OBJECTIVES:
+        raise InputError(f"unknown --objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     new = make_plan(c, loads, cur, solver=solver, time_budget=time_budget, workers=workers, seed=seed,
-                    interval=interval, layer_ids=sel.layer_ids)
+                    interval=interval, layer_ids=sel.layer_ids, objective=objective)
     new.info.update(trace=str(trace), steps=steps or ":", predictor=predictor, cluster=c.name)
     before = cur or Plan(sel.num_experts, c.slots, [static_layer(sel.num_experts, c.slots, int(i))
                                                     for i in sel.layer_ids])
@@ -103,5 +108,7 @@ def _summary(c: Cluster, loads, before: Plan, new: Plan, moves: dict, what: str)
                    f"{e0.step_time * 1e3:>14.3f} -> {info['step_time_s'] * 1e3:<13.3f} "
                    f"{info['lower_bound'] * 1e3:>7.3f} {info.get('proven_bound_s', info['lower_bound']) * 1e3:>9.3f} "
                    f"{info['gap'] * 100:>6.1f}% {info.get('status', '')}{fb}")
+    if any(lp.info.get("objective_kind") == "balance" for lp in new.layers):
+        typer.echo("objective balance: bound and gap are the compute makespan's; step ms is the full estimate")
     typer.echo(f"moves: {moves['moves']} ({moves['weight_copies']} weight copies, {moves['owner_moves']} owner "
                f"moves), {moves['bytes'] / 2**20:.1f} MiB")
