@@ -5,6 +5,7 @@ import pytest
 
 from cost_models.cluster import SCHEMA, Cluster, ExpertShape
 from cost_models.files import InputError
+from tests.file_helpers import assert_rejected
 from cost_models.presets import PRESETS, preset
 
 
@@ -46,12 +47,6 @@ def test_expert_shape_bytes():
     assert e.param_bytes == 2 * e.params and e.token_bytes == 2048 and e.optimizer_bytes == 12 * e.params
 
 
-def _write(tmp_path, doc):
-    p = tmp_path / "cluster.json"
-    p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    return p
-
-
 def _bad(mutate):
     doc = preset("dgx-a100-2x8").to_dict()
     mutate(doc)
@@ -74,16 +69,12 @@ def _bad(mutate):
     (_bad(lambda d: d["expert"].update(dtype="int3")), "dtype"),
 ])
 def test_bad_cluster_files_name_file_and_problem(tmp_path, doc, message):
-    p = _write(tmp_path, doc)
-    with pytest.raises(InputError) as err:
-        Cluster.load(p)
-    assert message in str(err.value) and str(p) in str(err.value)
+    assert_rejected(Cluster.load, tmp_path / "cluster.json", doc, message)
 
 
 def test_nan_literal_rejected(tmp_path):
-    p = _write(tmp_path, json.dumps(preset("local-cpu").to_dict()).replace('"a": 0.0002', '"a": NaN'))
-    with pytest.raises(InputError, match="NaN"):
-        Cluster.load(p)
+    text = json.dumps(preset("local-cpu").to_dict()).replace('"a": 0.0002', '"a": NaN')
+    assert_rejected(Cluster.load, tmp_path / "cluster.json", text, "NaN")
 
 
 def test_fewer_slots_than_experts():

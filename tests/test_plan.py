@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cost_models.files import InputError
+from tests.file_helpers import assert_rejected
 from cost_models.presets import preset
 from planner.eplb_mapping import from_eplb, load_eplb, save_eplb, to_eplb
 from planner.moves import diff, summarize
@@ -126,11 +127,7 @@ def _plan_doc(**changes):
     (_plan_doc(num_devices="four"), "num_devices must be an integer"),
 ])
 def test_bad_plan_files(tmp_path, doc, message):
-    p = tmp_path / "plan.json"
-    p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    with pytest.raises(InputError) as err:
-        Plan.load(p)
-    assert message in str(err.value) and str(p) in str(err.value)
+    assert_rejected(Plan.load, tmp_path / "plan.json", doc, message)
 
 
 def test_plan_file_with_bad_layer_names_file(tmp_path):

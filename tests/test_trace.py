@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cost_models.files import InputError
+from tests.file_helpers import assert_rejected
 from experiments.traces import SYNTH_KINDS, imbalance_stats, import_smartmoe, synth
 from planner.trace import Trace
 
@@ -44,11 +45,7 @@ def _json_doc(**changes):
     (_json_doc(top_k=0), "top_k must be >= 1"),
 ])
 def test_bad_json_traces(tmp_path, doc, message):
-    p = tmp_path / "t.json"
-    p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    with pytest.raises(InputError) as err:
-        Trace.load(p)
-    assert message in str(err.value) and str(p) in str(err.value)
+    assert_rejected(Trace.load, tmp_path / "t.json", doc, message)
 
 
 def test_nan_counts_in_npz(tmp_path):
