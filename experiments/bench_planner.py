@@ -20,7 +20,9 @@ from planner.moves import layer_moves
 from planner.plan import static_layer
 from planner.solve import plan_layer
 
-SMARTMOE = Path(os.environ.get("FLEXMOE_TRACES", "/work/shared/traces")) / "smartmoe_excerpt.npz"
+# The team's traces lie in shared/ beside the checkout; FLEXMOE_TRACES points elsewhere.
+SMARTMOE = Path(os.environ.get("FLEXMOE_TRACES", Path(__file__).resolve().parents[2] / "shared" / "traces")) \
+    / "smartmoe_excerpt.npz"
 SOLVERS = ("static", "capacity", "shadow", "eplb", "greedy", "ilp")
 
 
