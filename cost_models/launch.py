@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 
@@ -27,7 +28,8 @@ def spawn_local(fn, args: tuple, nprocs: int, timeout_s: float, what: str) -> No
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    ctx = mp.start_processes(_run_then_exit, args=(fn,) + tuple(args), nprocs=nprocs, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1.0):
@@ -43,3 +45,13 @@ def spawn_local(fn, args: tuple, nprocs: int, timeout_s: float, what: str) -> No
             p.join(5)
             if p.is_alive():
                 p.kill()
+
+
+def _run_then_exit(rank: int, fn, *args) -> None:
+    """Run one worker; after it succeeds, leave without the interpreter's teardown. Gloo's C++
+    threads can still hold work objects whose destruction during finalization aborts the process
+    (SIGABRT after a run that finished well), which would turn a good run into a failed one."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
