@@ -228,7 +228,7 @@ def _node_flows(m, inst: _Inst, x, y, l):
     device receives from other nodes, `z[e, g]`: together at least the node's inflow
     `service - demand`, each at most the device's remote blocks. The estimator spreads the
     inflow over replicas by spare capacity; the model may choose (a relaxation)."""
-    E, G = inst.E, inst.G
+    E = inst.E
     out, z = {}, {}
     for e in range(E):
         Lb = int(inst.Lb[e])
