@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--interval", type=int, default=15)
     p.add_argument("--solver", default="greedy")
-    p.add_argument("--threshold", type=float, default=1.3)
+    p.add_argument("--threshold", type=float, default=1.1)
     p.add_argument("--slots", type=int, default=0, help="expert slots per rank (0: one spare)")
     p.add_argument("--time-budget", type=float, default=1.0, help="solver budget (ilp)")
     p.add_argument("--seed", type=int, default=0)

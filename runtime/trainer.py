@@ -47,7 +47,7 @@ class TrainConfig:
     policy: str = "static"
     solver: str = "greedy"
     interval: int = 50
-    threshold: float = 1.2
+    threshold: float = 1.1  # early re-plan above this balance: a plan change costs a few ms
     time_budget: float = 1.0
     plan: str | None = None
     cluster: str | None = None

@@ -33,7 +33,7 @@ def train_cmd(
     policy: Annotated[str, Opt(help="static | dynamic (monitor, trigger, re-plan) | random (tests)")] = "dynamic",
     solver: Annotated[str, Opt(help="planner: greedy | ilp | eplb | ...")] = "greedy",
     interval: Annotated[int, Opt(help="steps between re-plans (also the amortisation window)")] = 50,
-    threshold: Annotated[float, Opt(help="re-plan early when the balance ratio exceeds this")] = 1.2,
+    threshold: Annotated[float, Opt(help="re-plan early when the balance ratio exceeds this")] = 1.1,
     time_budget: Annotated[float, Opt(help="solver time budget, seconds")] = 1.0,
     plan: Annotated[Optional[Path], Opt(help="initial plan.json (default: static expert parallelism)")] = None,
     cluster: Annotated[Optional[Path], Opt(help="cluster.json for the planner (default: local-cpu preset)")] = None,
