@@ -17,6 +17,7 @@ import numpy as np
 from cost_models.cluster import Cluster
 from cost_models.files import InputError, atomic_path, write_text_atomic
 from experiments.replay import POLICIES, Policy, ReplayResult, replay, trace_stride
+from experiments.traces import import_smartmoe
 from planner.trace import Trace
 
 
@@ -31,17 +32,12 @@ def load_trace(path: str | os.PathLike) -> Trace:
             raise
         try:
             with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
+                excerpt = "meta" not in data.files and "counts" in data.files and data["counts"].ndim == 5
         except (OSError, ValueError, zipfile.BadZipFile, EOFError):
             raise first from None
-        counts = arrays.get("counts")
-        if counts is None or counts.ndim != 5 or "meta" in arrays:
+        if not excerpt:
             raise first from None
-        try:
-            return Trace(counts.astype(np.int64).sum(axis=3), 2, arrays.get("iters"), arrays.get("layers"),
-                         f"smartmoe-excerpt:{Path(path).name}", {"micro_batches": "sum"})
-        except InputError as exc:
-            raise InputError(exc.problem, path) from None
+        return import_smartmoe(path, "sum")
 
 
 def make_policies(names: list[str], **common) -> list[Policy]:
