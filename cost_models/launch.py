@@ -4,6 +4,7 @@ importable without it."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -20,6 +21,16 @@ def free_port() -> int:
 def under_torchrun() -> bool:
     """torchrun (and other elastic launchers) set these for every rank."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
+def init_distributed(rank: int, world: int, port: int | None, backend: str, timeout_s: float) -> None:
+    """Join the process group: loopback with `port`, or the torchrun environment when port is None."""
+    import torch.distributed as dist
+
+    if port is not None:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def spawn_local(fn, args: tuple, nprocs: int, timeout_s: float, what: str) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from cost_models.cluster import INTER, INTRA, Cluster, Device, ExpertShape
 from cost_models.files import InputError
 from cost_models.fit import fit_compute, fit_link
-from cost_models.launch import free_port, spawn_local, under_torchrun
+from cost_models.launch import free_port, init_distributed, spawn_local, under_torchrun
 
 KiB, MiB = 2**10, 2**20
 STATISTICS = {"median": np.median, "min": np.min}
@@ -129,17 +129,6 @@ def _spawned_worker(rank: int, world: int, port: int, device: str, backend: str,
     if meas is not None:
         with open(result, "w") as f:
             json.dump(meas, f)
-
-
-def init_distributed(rank: int, world: int, port: int | None, backend: str, timeout_s: float) -> None:
-    """Join the process group: loopback with `port`, or the torchrun environment when port is None."""
-    import torch.distributed as dist
-
-    if port is not None:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=_dt.timedelta(seconds=timeout_s))
 
 
 def _worker_body(rank: int, world: int, port: int | None, device: str, backend: str, opts: ProfileOptions,

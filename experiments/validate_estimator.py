@@ -115,8 +115,8 @@ def _worker(rank: int, port: int | None, cluster_doc: dict, case_docs: list[dict
     import torch
     import torch.distributed as dist
 
-    from cost_models.profiler import (SIZES, STATISTICS, TOKENS, Exchanger, ExpertFFN, cpu_pressure,
-                                      init_distributed, measurements)
+    from cost_models.launch import init_distributed
+    from cost_models.profiler import SIZES, STATISTICS, TOKENS, Exchanger, ExpertFFN, cpu_pressure, measurements
 
     if device == "cpu":
         torch.set_num_threads(1)

@@ -8,19 +8,17 @@ torn down: a failed or hung rank must not leave the others waiting forever.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from cost_models.launch import free_port, spawn_local
+from cost_models.launch import free_port, init_distributed, spawn_local
 from runtime.trainer import TrainConfig, train
 
 
 def _worker(rank: int, world: int, port: int, cfg: TrainConfig, threads: int, pg_timeout: float) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=pg_timeout))
+    init_distributed(rank, world, port, "gloo", pg_timeout)
     try:
         train(rank, world, cfg)
     finally:
