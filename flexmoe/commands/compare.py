@@ -44,6 +44,7 @@ def compare_cmd(
     step time, speed-up over static, balance, dropped tokens, migration and planner time."""
     from cost_models.cluster import Cluster
     from experiments.compare import load_trace, make_policies, run_all, setting_of, text_table, write_report
+    from flexmoe.commands.options import parse_layers
 
     c = Cluster.load(cluster)
     t = load_trace(trace)
@@ -55,11 +56,7 @@ def compare_cmd(
     if steps < 0 or stride < 0:
         raise InputError("--steps and --stride must be >= 0")
     if layers:
-        try:
-            picked = [int(s) for s in layers.split(",") if s.strip()]
-        except ValueError:
-            raise InputError(f"--layers must be comma-separated integers, got {layers!r}") from None
-        t = t.select(layers=picked)
+        t = t.select(layers=parse_layers(layers, t.num_layers))
     if steps:
         t = t.select(steps=slice(0, steps))
     names = [n.strip() for n in policies.split(",") if n.strip()]
