@@ -30,6 +30,7 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.files import InputError
+from cost_models.routing import route
 
 A2A_PHASES = 4
 # Replica sync runs in two phases; a planner's per-pair sync term is this many replica transfers.
@@ -89,47 +90,6 @@ def fold_sources(counts: np.ndarray, num_devices: int) -> np.ndarray:
     return weight.T @ counts
 
 
-def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Who sends how many tokens to whom. Returns (`local[e, g]`, tokens of source g kept on its
-    own replica; `remote[g, h]`, tokens source g sends to device h, all experts together, zero
-    diagonal). `counts[source, expert]` must already have one source per device (`fold_sources`).
-
-    Per expert, with `demand = total * share` per replica: (1) each source keeps
-    `local = min(count, demand)` on its own replica; `rest = count - local` is left to send and
-    `cap = demand - local` to receive. `nodes=None`: the rest goes to all replicas in proportion to
-    `cap`. With `nodes[g]` (node of each device): (2) inside each node k, with R_k and C_k the
-    node's total rest and cap and M_k = max(R_k, C_k), source g sends `rest[g] * cap[h] / M_k` to
-    each replica h of its node; (3) what is left, `rest[g] * (1 - C_k / M_k)`, goes to the spare
-    capacity left on other nodes, `cap[h] * (1 - R_k / M_k)`, in proportion. On one node step (3)
-    is empty and (2) is the nodes=None rule.
-    """
-    c = np.asarray(counts, dtype=np.float64).T  # [E, G]
-    demand = c.sum(axis=1, keepdims=True) * share  # tokens each replica must serve
-    local = np.minimum(c, demand)
-    rest = c - local
-    capacity = demand - local
-    if nodes is None:
-        total = capacity.sum(axis=1, keepdims=True)
-        frac = np.divide(capacity, total, out=np.zeros_like(capacity), where=total > 0)
-        remote = rest.T @ frac
-        np.fill_diagonal(remote, 0.0)
-        return local, remote
-    node = np.unique(np.asarray(nodes), return_inverse=True)[1].reshape(-1)
-    onehot = np.eye(int(node.max()) + 1)[node]  # [G, K]
-    r_node, c_node = rest @ onehot, capacity @ onehot  # [E, K]
-    m_node = np.maximum(r_node, c_node)
-    send_frac = np.divide(1.0, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, node]  # [E, G]
-    same = node[:, None] == node[None, :]
-    remote = ((rest * send_frac).T @ capacity) * same  # step (2): inside each node
-    # step (3): what each node could not absorb, over the capacity other nodes have left
-    rest2 = rest * np.divide(m_node - c_node, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, node]
-    cap2 = capacity * np.divide(m_node - r_node, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, node]
-    total2 = cap2.sum(axis=1, keepdims=True)
-    remote += rest2.T @ np.divide(cap2, total2, out=np.zeros_like(cap2), where=total2 > 0)
-    np.fill_diagonal(remote, 0.0)
-    return local, remote
-
-
 def port_time(cluster: Cluster, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Send and receive seconds per device and link class for a [src, dst] bytes matrix:
     (send_intra, recv_intra, send_inter, recv_inter)."""
@@ -165,6 +125,14 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     tokens = tokens_eg.sum(axis=0)
     compute = cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens
     _, remote = route(counts, share, cluster.node_of)
+    ports, a2a = a2a_seconds(cluster, remote)
+    sync = np.zeros(num_devices) if owner is None else sync_seconds(cluster, x, np.asarray(owner))
+    return Breakdown(tokens, compute, *ports, a2a, sync, compute + a2a + sync)
+
+
+def a2a_seconds(cluster: Cluster, remote: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """The all-to-all's cost per device for `remote[src, dst]` tokens: ((send intra, recv intra,
+    send inter, recv inter) seconds over the four phases, total seconds with latency)."""
     a2a_bytes = cluster.expert.token_bytes * remote
     si, ri, so, ro = port_time(cluster, a2a_bytes)
     # Phases alternate direction (dispatch out, combine back), so each sees send and receive swapped.
@@ -172,16 +140,17 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     half = A2A_PHASES / 2
     latency = A2A_PHASES * cluster.alpha.sum(axis=1)
     a2a = half * (np.maximum(si, ri) + np.maximum(si2, ri2) + np.maximum(so, ro) + np.maximum(so2, ro2)) + latency
-    if owner is None:
-        sync = np.zeros(num_devices)
-    else:
-        grads = sync_bytes(cluster, x, np.asarray(owner))
-        sync = np.zeros(num_devices)
-        for phase in (grads, grads.T):  # gradients to owners, then weights back
-            si_, ri_, so_, ro_ = port_time(cluster, phase)
-            sync += np.maximum(si_, ri_) + np.maximum(so_, ro_)
-    return Breakdown(tokens, compute, half * (si + si2), half * (ri + ri2), half * (so + so2), half * (ro + ro2),
-                     a2a, sync, compute + a2a + sync)
+    return (half * (si + si2), half * (ri + ri2), half * (so + so2), half * (ro + ro2)), a2a
+
+
+def sync_seconds(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Replica synchronisation per device: gradients to owners, then weights back."""
+    grads = sync_bytes(cluster, x, owner)
+    sync = np.zeros(cluster.num_devices)
+    for phase in (grads, grads.T):
+        si, ri, so, ro = port_time(cluster, phase)
+        sync += np.maximum(si, ri) + np.maximum(so, ro)
+    return sync
 
 
 def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarray, new_x: np.ndarray,

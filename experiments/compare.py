@@ -16,7 +16,8 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.files import InputError, atomic_path, write_text_atomic
-from experiments.replay import POLICIES, Policy, ReplayResult, replay, trace_stride
+from experiments.replay import FIXED, POLICIES, Policy, ReplayResult, replay, trace_stride
+from planner.step_shares import DISPATCH_MODES
 from experiments.traces import import_smartmoe
 from planner.trace import Trace
 
@@ -40,14 +41,26 @@ def load_trace(path: str | os.PathLike) -> Trace:
         return import_smartmoe(path, "sum")
 
 
-def make_policies(names: list[str], **common) -> list[Policy]:
+def make_policies(names: list[str], dispatch: str = "adaptive", **common) -> list[Policy]:
     """Policies by name with shared settings; static always comes first (it is the baseline), and
-    the ILP carries greedy as its reference so each re-plan compares heuristic and optimum."""
+    the ILP carries greedy as its reference so each re-plan compares heuristic and optimum.
+    `dispatch` is "adaptive", "plan" or "both" (each re-placing policy twice, side by side); static
+    and capacity have one replica per expert, so their dispatch has nothing to choose, and `lplb`
+    is adaptive by definition."""
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
         raise InputError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    if dispatch not in DISPATCH_MODES + ("both",):
+        raise InputError(f"unknown dispatch {dispatch!r}; choose from {', '.join(DISPATCH_MODES + ('both',))}")
     ordered = ["static"] + [n for n in POLICIES if n in names and n != "static"]
-    return [Policy(n, n, reference="greedy" if n == "ilp" else None, **common).check() for n in ordered]
+    out = []
+    for n in ordered:
+        modes = ["adaptive"] if n == "lplb" else ["plan"] if n in FIXED else \
+            ["adaptive", "plan"] if dispatch == "both" else [dispatch]
+        for mode in modes:
+            name = f"{n} (plan shares)" if dispatch == "both" and mode == "plan" and n not in FIXED else n
+            out.append(Policy(name, n, reference="greedy" if n == "ilp" else None, dispatch=mode, **common).check())
+    return out
 
 
 def run_all(trace: Trace, cluster: Cluster, policies: list[Policy], *, stride: int | None = None,
@@ -58,6 +71,7 @@ def run_all(trace: Trace, cluster: Cluster, policies: list[Policy], *, stride: i
 
 COLUMNS = [("policy", "policy", "{}"), ("mean_step_ms", "mean step (ms)", "{:.3f}"),
            ("speedup", "speed-up vs static", "{:.2f}x"), ("mean_balance", "mean balance", "{:.2f}"),
+           ("median_balance", "median balance", "{:.3f}"), ("p90_balance", "p90 balance", "{:.3f}"),
            ("worst_balance", "worst balance", "{:.2f}"), ("dropped_pct", "dropped tokens (%)", "{:.2f}"),
            ("migration_mib", "migration (MiB)", "{:.1f}"), ("replans", "re-plans", "{}"),
            ("planner_s", "planner time (s)", "{:.2f}")]
@@ -70,6 +84,7 @@ def summary_rows(results: list[ReplayResult]) -> list[dict]:
         s = r.summary()
         rows.append({"policy": s["policy"], "mean_step_ms": 1e3 * s["mean_step_s"],
                      "speedup": base / s["mean_step_s"], "mean_balance": s["mean_balance"],
+                     "median_balance": s["median_balance"], "p90_balance": s["p90_balance"],
                      "worst_balance": s["worst_balance"], "dropped_pct": s["dropped_pct"],
                      "dropped_tokens": s["dropped_tokens"], "migration_mib": s["migration_bytes"] / 2**20,
                      "migration_bytes": s["migration_bytes"], "migration_s": s["migration_s"],

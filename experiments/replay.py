@@ -34,9 +34,13 @@ from cost_models.cluster import Cluster
 from cost_models.estimator import estimate, migration_time, migration_transfers
 from cost_models.files import InputError
 from planner.plan import LayerPlan, static_layer
+from planner.step_shares import DISPATCH_MODES, ShareRule
 from planner.trace import Trace
 
-POLICIES = ("static", "capacity", "shadow", "eplb", "greedy", "ilp")
+POLICIES = ("static", "capacity", "shadow", "eplb", "lplb", "greedy", "ilp")
+# Policies that are another policy's placement under a fixed dispatch: LPLB is EPLB's placement with
+# per-step LP shares (DeepSeek LPLB, SGLang's `lp` dispatch).
+PLACEMENT_OF = {"lplb": "eplb"}
 # Policies that keep the static placement for the whole run (capacity only drops tokens).
 FIXED = ("static", "capacity")
 PREDICTORS = ("last", "mean", "ema")
@@ -64,10 +68,13 @@ class Policy:
     seed: int = 0
     capacity_factor: float = 1.25
     reference: str | None = None
+    dispatch: str = "adaptive"  # "adaptive": shares re-solved from each step's counts; "plan": the plan's
 
     def check(self) -> "Policy":
         if self.solver not in POLICIES:
             raise InputError(f"unknown policy {self.solver!r}; choose from {', '.join(POLICIES)}")
+        if self.dispatch not in DISPATCH_MODES:
+            raise InputError(f"unknown dispatch {self.dispatch!r}; choose from {', '.join(DISPATCH_MODES)}")
         if self.interval < 0:
             raise InputError(f"the re-plan interval must be >= 0 trace steps, got {self.interval}")
         if self.trigger is not None and not self.trigger >= 1.0:
@@ -115,9 +122,10 @@ class ReplayResult:
 
     def summary(self) -> dict:
         st = self.step_time
-        return {"policy": self.policy.name, "solver": self.policy.solver,
+        return {"policy": self.policy.name, "solver": self.policy.solver, "dispatch": self.policy.dispatch,
                 "mean_step_s": float(st.mean()),
                 "mean_balance": float(self.balance.mean()), "worst_balance": float(self.balance.max()),
+                "median_balance": float(np.median(self.balance)), "p90_balance": float(np.percentile(self.balance, 90)),
                 "dropped_tokens": int(self.dropped.sum()),
                 "dropped_pct": 100.0 * float(self.dropped.sum()) / max(float(self.tokens.sum()), 1.0),
                 "migration_bytes": int(self.migration_bytes.sum()),
@@ -160,6 +168,8 @@ def replay(trace: Trace, cluster: Cluster, policy: Policy, *, plan_fn: PlanFn | 
         from planner.baselines import drop_over_capacity as drop
     steps, layers = trace.num_steps, trace.num_layers
     interval_iters = max(policy.interval, 1) * stride
+    # Step t's shares come from step t's counts: the runtime has them before it dispatches.
+    shares = ShareRule(cluster, "plan" if drop is not None else policy.dispatch)
 
     plans = [static_layer(trace.num_experts, cluster.slots, int(lid)) for lid in trace.layer_ids]
     mats = [(p.replicas(), p.shares(), p.owner) for p in plans]
@@ -184,7 +194,7 @@ def replay(trace: Trace, cluster: Cluster, policy: Policy, *, plan_fn: PlanFn | 
             if drop is not None:
                 counts, dropped = drop(counts, x, share, policy.capacity_factor)  # per recorded source
                 out.dropped[t] += int(dropped)
-            est = estimate(cluster, counts, x, share, owner)
+            est = estimate(cluster, counts, x, shares(counts, x, share), owner)
             out.layer_time[t, l] = est.step_time
             out.balance[t, l] = est.balance
     return out
@@ -207,7 +217,8 @@ def _replan(cluster, trace, policy, t, history, plans, plan_fn, predict_fn, inte
         lid = int(trace.layer_ids[l])
         t0 = time.perf_counter()
         try:
-            new = plan_fn(cluster, predicted[l], current, solver=policy.solver, layer_id=lid, **kw)
+            new = plan_fn(cluster, predicted[l], current, solver=PLACEMENT_OF.get(policy.solver, policy.solver),
+                          layer_id=lid, **kw)
             new.validate(cluster.slots, f"layer {lid}")
             error = None
         except InputError as exc:  # a plan that fails validation leaves the current one in force

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import estimate, route
+from cost_models.estimator import estimate
+from cost_models.routing import route_tokens
 from cost_models.files import InputError
 from planner.plan import static_layer
 
@@ -86,27 +87,6 @@ def cases(num_experts: int = 8, tokens: int = 2048) -> list[Case]:
     share2[0, 0], share2[0, 1] = 1.0 - s1, s1
     out.append(Case("one-hot, replicated", counts, x2, share2, owner))
     return out
-
-
-def split_tokens(counts: np.ndarray, share: np.ndarray) -> np.ndarray:
-    """n[source, expert, device]: integer tokens each source sends to each replica, by the
-    local-first rule of `estimator.route` (rounded by largest remainder per source and expert)."""
-    c = np.asarray(counts, dtype=np.float64)  # [G, E]
-    demand = c.sum(axis=0)[:, None] * share  # [E, G]
-    local = np.minimum(c.T, demand)
-    capacity = demand - local
-    total = capacity.sum(axis=1, keepdims=True)
-    frac = np.divide(capacity, total, out=np.zeros_like(capacity), where=total > 0)
-    g, e = c.shape
-    n = np.zeros((g, e, g), dtype=np.int64)
-    for s in range(g):
-        for k in range(e):
-            keep = int(round(local[k, s]))
-            rest = int(counts[s, k]) - keep
-            n[s, k, s] += keep
-            if rest > 0:
-                n[s, k] += _loads(frac[k], rest) if frac[k].sum() > 0 else 0
-    return n
 
 
 # ----------------------------------------------------------------------------- the timed step
@@ -280,10 +260,7 @@ def validate(cluster: Cluster, *, num_experts: int = 8, tokens: int = 2048, step
     all_cases = cases(num_experts, tokens)
     docs = []
     for c in all_cases:
-        n = split_tokens(c.counts, c.share)
-        sent = n.sum(axis=1)  # [source, device]
-        np.fill_diagonal(sent, 0)
-        assert np.abs(sent - route(c.counts, c.share)[1]).max() <= num_experts  # the estimator's routing, rounded
+        n = route_tokens(c.counts, c.share)  # the runtime's dispatcher, whole tokens
         docs.append({"name": c.name, "x": c.x.tolist(), "n": n.tolist(),
                      "owner": None if c.owner is None else [int(o) for o in c.owner]})
     pressure = cpu_pressure()

@@ -72,15 +72,16 @@ class MoELayer(nn.Module):
         skew = cfg.router_skew * torch.linspace(1.0, -1.0, cfg.num_experts)
         self.register_buffer("router_bias", skew, persistent=False)
         self.store = None
-        self.share = None
+        self.x = self.share = None  # replicas [E, G] in place and the plan's shares
+        self.share_rule = None  # per-step shares (planner.step_shares.ShareRule); None: the plan's
         self.rank, self.world, self.group = 0, 1, None
         self.nodes: np.ndarray | None = None  # node of each rank, for node-first dispatch (None: one node)
         self.last_counts: np.ndarray | None = None  # [sources, experts] of the last forward
 
-    def bind(self, store, share: np.ndarray, rank: int, world: int, group=None,
-             nodes: np.ndarray | None = None) -> None:
-        self.store, self.share, self.rank, self.world, self.group = store, share, rank, world, group
-        self.nodes = nodes
+    def bind(self, store, x: np.ndarray, share: np.ndarray, rank: int, world: int, group=None,
+             nodes: np.ndarray | None = None, share_rule=None) -> None:
+        self.store, self.x, self.share, self.rank, self.world, self.group = store, x, share, rank, world, group
+        self.nodes, self.share_rule = nodes, share_rule
 
     def forward(self, x):
         b, t, d = x.shape
@@ -92,8 +93,8 @@ class MoELayer(nn.Module):
         e = self.cfg.num_experts
         frac = torch.bincount(idx.reshape(-1), minlength=e).to(probs.dtype) / idx.numel()
         aux = e * (frac * probs.mean(dim=0)).sum()
-        out, counts = moe_apply(h, idx, gate, self.store, self.share, self.rank, self.world, self.group,
-                                self.nodes)
+        out, counts = moe_apply(h, idx, gate, self.store, self.x, self.share, self.rank, self.world, self.group,
+                                self.nodes, self.share_rule)
         self.last_counts = counts
         return out.view(b, t, d), aux
 

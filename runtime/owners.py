@@ -74,6 +74,9 @@ class ExpertRuntime:
     def share(self, layer: int) -> np.ndarray:
         return self.plan.layers[layer].shares()
 
+    def replicas(self, layer: int) -> np.ndarray:
+        return self.plan.layers[layer].replicas()
+
     def zero_grad(self) -> None:
         for s in self.stores:
             s.zero_grad()

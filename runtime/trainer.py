@@ -20,6 +20,7 @@ from cost_models.cluster import Cluster, ExpertShape
 from cost_models.files import InputError
 from cost_models.presets import local_cpu
 from planner.plan import Plan, static_layer
+from planner.step_shares import DISPATCH_MODES, ShareRule
 from planner.trace import Trace
 from runtime import checkpoint as ckpt
 from runtime.data import Batches, load_corpus
@@ -45,6 +46,7 @@ class TrainConfig:
     data: str | None = None
     slots: int = 0  # expert slots per device; 0: enough for one copy of each expert plus one spare
     policy: str = "static"
+    dispatch: str = "adaptive"  # shares per step: "adaptive" (re-solved from the step's counts) or "plan"
     solver: str = "greedy"
     interval: int = 50
     threshold: float = 1.1  # early re-plan above this balance: a plan change costs a few ms
@@ -66,6 +68,8 @@ class TrainConfig:
             raise InputError("steps must be >= 0 and batch >= 1")
         if self.policy not in POLICIES:
             raise InputError(f"unknown policy {self.policy!r} (known: {', '.join(POLICIES)})")
+        if self.dispatch not in DISPATCH_MODES:
+            raise InputError(f"unknown dispatch {self.dispatch!r} (known: {', '.join(DISPATCH_MODES)})")
         if self.slots and self.slots * world < self.model.num_experts:
             raise InputError(f"{self.slots} slots x {world} ranks cannot hold {self.model.num_experts} experts")
         if self.interval < 1 or self.time_budget <= 0 or self.lr <= 0:
@@ -126,10 +130,11 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
     if cluster.num_devices != world:
         raise InputError(f"cluster has {cluster.num_devices} devices, training has {world} ranks", cfg.cluster)
     nodes = cluster.node_of if cluster.num_nodes > 1 else None  # dispatch by the estimator's rule
+    share_rule = ShareRule(cluster, cfg.dispatch, warn=log)
 
     def bind():
         for l, layer in enumerate(model.moe_layers):
-            layer.bind(rt.stores[l], rt.share(l), rank, world, group, nodes)
+            layer.bind(rt.stores[l], rt.replicas(l), rt.share(l), rank, world, group, nodes, share_rule)
     bind()
     data = Batches(load_corpus(cfg.data), m.seq_len, cfg.batch, world, rank, cfg.seed)
     monitor = Monitor(record=bool(cfg.trace_out) and rank == 0)
@@ -232,7 +237,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
               "flexmoe train", {"world_size": world, "model": m.to_dict()}).save(cfg.trace_out)
     result = {"losses": losses, "step_times": times, "changes": changes, "balances": balances,
               "cpu_times": cpu_all.cpu().numpy(), "phases": np.array(phases), "phase_names": PHASES,
-              "stats": replanner.stats if replanner else {}, "start": start,
+              "stats": replanner.stats if replanner else {}, "shares": share_rule.stats(), "start": start,
               "experts": state.cpu(), "dense": {k: v.cpu() for k, v in model.state_dict().items()},
               "plan": rt.plan.to_dict(), "tokens_per_step": tokens_per_step}
     if rank == 0 and cfg.result_out:

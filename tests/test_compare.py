@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from cost_models.files import InputError
+
 from cost_models.presets import local_cpu
 from experiments import compare as cmp
 from experiments.replay import Policy
@@ -125,7 +127,7 @@ def test_failed_figures_leave_no_report(inputs, tmp_path, monkeypatch):
 
 def test_markdown_table_shape():
     rows = [{"policy": "static", "mean_step_ms": 2.0, "speedup": 1.0, "mean_balance": 2.0, "worst_balance": 3.0,
-             "dropped_pct": 0.0, "migration_mib": 0.0, "replans": 0, "planner_s": 0.0}]
+             "median_balance": 2.0, "p90_balance": 2.5, "dropped_pct": 0.0, "migration_mib": 0.0, "replans": 0, "planner_s": 0.0}]
     lines = cmp.markdown_table(rows).splitlines()
     assert len(lines) == 3 and lines[2].startswith("| static | 2.000 | 1.00x |")
 
@@ -141,3 +143,15 @@ def test_selection_trigger_and_no_figures(inputs, tmp_path, capsys):
     replans = list(csv.DictReader((out / "replans.csv").open()))
     assert replans and all(r["layer"] == "1" and 1 <= int(r["step"]) < 4 for r in replans)
     assert not list(out.glob("*.png"))
+
+
+def test_dispatch_both_runs_each_replacing_policy_twice():
+    pols = cmp.make_policies(["capacity", "eplb", "lplb", "greedy"], dispatch="both")
+    got = [(p.name, p.solver, p.dispatch) for p in pols]
+    assert got == [("static", "static", "plan"), ("capacity", "capacity", "plan"),
+                   ("eplb", "eplb", "adaptive"), ("eplb (plan shares)", "eplb", "plan"),
+                   ("lplb", "lplb", "adaptive"),
+                   ("greedy", "greedy", "adaptive"), ("greedy (plan shares)", "greedy", "plan")]
+    assert [p.dispatch for p in cmp.make_policies(["greedy"], dispatch="plan")] == ["plan", "plan"]
+    with pytest.raises(InputError, match="dispatch"):
+        cmp.make_policies(["greedy"], dispatch="lp")

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cost_models.cluster import INTER, INTRA, Cluster, ComputeModel, Device, ExpertShape, Link
-from cost_models.estimator import (estimate, fold_sources, lower_bound, migration_time, migration_transfers,
-                                   route)
+from cost_models.estimator import estimate, fold_sources, lower_bound, migration_time, migration_transfers
+from cost_models.routing import route
 from cost_models.files import InputError
 
 # hidden 2, ffn 3, fp32: a token is 8 bytes; a replica has 17 parameters = 68 bytes, Adam state 204.

@@ -134,7 +134,7 @@ def test_mismatched_sizes_and_options():
 
 
 def test_hierarchical_construction_keeps_a_shared_hot_expert_off_the_slow_link():
-    from cost_models.estimator import route
+    from cost_models.routing import route
     from planner.construct import hierarchical
     # 2 nodes x 2 devices x 2 slots; expert 0 is hot and wanted equally by both nodes.
     c = make_cluster(nodes=2, per_node=2, slots=2, a=1e-5, fast=False)

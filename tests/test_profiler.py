@@ -9,7 +9,8 @@ import pytest
 from cost_models.cluster import INTER, INTRA, Cluster, ExpertShape
 from cost_models.files import InputError
 from cost_models.profiler import ProfileOptions, build_cluster, profile
-from experiments.validate_estimator import cases, split_tokens
+from cost_models.routing import apportion, route_tokens
+from experiments.validate_estimator import cases
 from flexmoe.cli import main
 
 
@@ -71,11 +72,13 @@ def test_missing_cuda_is_a_clear_error(capsys, tmp_path):
     assert not (tmp_path / "c.json").exists()
 
 
-def test_validation_split_matches_the_estimator_route():
+def test_validation_cases_route_exactly():
     for case in cases(num_experts=8, tokens=512):
-        n = split_tokens(case.counts, case.share)
+        n = route_tokens(case.counts, case.share)
         assert (n.sum(axis=2) == case.counts).all()  # every token goes somewhere
         assert (n.sum(axis=0)[~case.x] == 0).all()  # never to a device without a replica
+        served = n.sum(axis=0)  # [expert, device]: each replica serves its share, rounded
+        assert (served == apportion(case.counts.sum(axis=0), case.share)).all()
 
 
 def test_profile_quick_world_size_2(tmp_path, capsys):

@@ -161,3 +161,36 @@ def test_cluster_too_small():
     counts = np.ones((2, 1, 2, 5), dtype=np.int64)  # 5 experts, 4 slots
     with pytest.raises(InputError, match="fewer than the 5 experts"):
         replay(Trace(counts), toy_cluster(), Policy("static", "static"))
+
+
+def stale_uneven(cluster, counts, current, *, solver, layer_id=0, **kw):
+    """Both experts on both devices, with shares fitted to loads that have since flipped."""
+    x = np.ones((2, 2), bool)
+    share = np.array([[0.9, 0.1], [0.1, 0.9]])
+    return LayerPlan.from_matrices(x, share, current.owner, 2, layer_id, {"solver": solver})
+
+
+def test_adaptive_dispatch_rebalances_stale_shares_by_hand():
+    # Step 1 plans (from step 0); step 2 dispatches 40/40 tokens per expert. Plan shares put
+    # 0.9*40 + 0.1*40 = 40 on each device: balanced. Step 1's own loads 20/60: plan shares give
+    # device 0: 0.9*20 + 0.1*60 = 24, device 1: 56; per-step shares give 40 and 40.
+    counts = np.array([[[[30, 10], [30, 10]]], [[[10, 30], [10, 30]]], [[[10, 30], [10, 30]]]])
+    kw = dict(plan_fn=stale_uneven, predict_fn=last)
+    plan = replay(Trace(counts), toy_cluster(), Policy("p", "greedy", interval=1, dispatch="plan"), **kw)
+    adaptive = replay(Trace(counts), toy_cluster(), Policy("a", "greedy", interval=1, dispatch="adaptive"), **kw)
+    assert plan.layer_time[1, 0] == pytest.approx(56 * B)
+    assert adaptive.layer_time[1, 0] == pytest.approx(40 * B)
+    assert adaptive.balance[1, 0] == pytest.approx(1.0)
+    assert adaptive.layer_time[0, 0] == plan.layer_time[0, 0]  # static placement: nothing to choose
+
+
+def test_lplb_is_eplb_placement_with_per_step_shares():
+    seen = []
+
+    def record(cluster, counts, current, *, solver, layer_id=0, **kw):
+        seen.append(solver)
+        return stale_uneven(cluster, counts, current, solver=solver, layer_id=layer_id)
+
+    r = replay(Trace(COUNTS), toy_cluster(), Policy("lplb", "lplb", interval=1), plan_fn=record, predict_fn=last)
+    assert seen and set(seen) == {"eplb"}
+    assert r.policy.dispatch == "adaptive" and r.balance[1:].max() == pytest.approx(1.0)

@@ -18,9 +18,11 @@ def compare_cmd(
         trace: Annotated[Path, typer.Option("-t", "--trace", help="trace (.npz or .json; the SmartMoE "
                                                                   "excerpt .npz is read too)")],
         output: Annotated[Path, typer.Option("-o", "--output", help="report directory")],
-        policies: Annotated[str, typer.Option(help="comma-separated: static, capacity, shadow, eplb, greedy, "
+        policies: Annotated[str, typer.Option(help="comma-separated: static, capacity, shadow, eplb, lplb, greedy, "
                                                    "ilp (static is always run: it is the baseline)")]
-        = "static,capacity,shadow,eplb,greedy,ilp",
+        = "static,capacity,shadow,eplb,lplb,greedy,ilp",
+        dispatch: Annotated[str, typer.Option(help="token shares per step: adaptive (re-solved from each step's "
+                                                   "counts), plan (the plan's), or both side by side")] = "adaptive",
         interval: Annotated[int, typer.Option(help="re-plan every N trace steps (0: only on --trigger)")] = 5,
         trigger: Annotated[float, typer.Option(help="also re-plan when the last step's balance ratio "
                                                     "exceeds this (0: off)")] = 0.0,
@@ -60,7 +62,7 @@ def compare_cmd(
     if steps:
         t = t.select(steps=slice(0, steps))
     names = [n.strip() for n in policies.split(",") if n.strip()]
-    pols = make_policies(names, interval=interval, trigger=trigger or None, predictor=predictor, window=window,
+    pols = make_policies(names, dispatch=dispatch, interval=interval, trigger=trigger or None, predictor=predictor, window=window,
                          ema=ema, time_budget=time_budget, workers=workers, seed=seed,
                          capacity_factor=capacity_factor)
     results = run_all(t, c, pols, stride=stride or None, progress=progress)

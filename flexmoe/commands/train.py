@@ -31,6 +31,8 @@ def train_cmd(
     data: Annotated[Optional[Path], Opt(help="a text file (default: the Python standard library's sources)")] = None,
     slots: Annotated[int, Opt(help="expert slots per rank (0: one spare beyond an even split)")] = 0,
     policy: Annotated[str, Opt(help="static | dynamic (monitor, trigger, re-plan) | random (tests)")] = "dynamic",
+    dispatch: Annotated[str, Opt(help="token shares per step: adaptive (re-solved from each step's counts by "
+                                      "a min-max LP) | plan (the plan's own shares)")] = "adaptive",
     solver: Annotated[str, Opt(help="planner: greedy | ilp | eplb | ...")] = "greedy",
     interval: Annotated[int, Opt(help="steps between re-plans (also the amortisation window)")] = 50,
     threshold: Annotated[float, Opt(help="re-plan early when the balance ratio exceeds this")] = 1.1,
@@ -61,6 +63,7 @@ def train_cmd(
     cfg = TrainConfig(
         ModelConfig(d_model, layers, heads, d_ff, experts, top_k, seq_len, aux_coef, router_skew),
         steps=steps, batch=batch, lr=lr, seed=seed, data=str(data) if data else None, slots=slots, policy=policy,
+        dispatch=dispatch,
         solver=solver, interval=interval, threshold=threshold, time_budget=time_budget,
         plan=str(plan) if plan else None, cluster=str(cluster) if cluster else None,
         trace_out=str(trace_out) if trace_out else None, checkpoint=str(checkpoint) if checkpoint else None,
