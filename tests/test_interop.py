@@ -76,6 +76,16 @@ def test_rebalance_experts_is_never_worse_than_eplb(seed):
         assert busiest(phy2log[i].numpy(), weight[i], gpus) <= equal_share_loads(ref, weight[i]).max() + 1e-9
 
 
+@pytest.mark.parametrize("weight", [[6, 3, 14, 38, 110, 24, 9, 6], [97, 289, 0, 16, 92, 153, 54, 190]])
+def test_rebalance_keeps_the_search_from_eplbs_placement_when_it_is_better(weight):
+    # on these loads the search from the planner's placement ends heavier (57.2, 235.5) than from EPLB's
+    weight = np.array(weight, dtype=float)
+    phy2log, _, _ = flexmoe.rebalance_experts(weight[None], 12, 4, 2, 4)
+    start = assign_from_counts(eplb_physical(weight, np.full(4, 3), np.array([0, 0, 1, 1]), 4), 3)
+    from_eplb_start = equal_share_loads(balance_equal_shares(fill_slots(start, weight), weight), weight).max()
+    assert busiest(phy2log[0].numpy(), weight, 4) <= from_eplb_start + 1e-9
+
+
 @pytest.mark.parametrize("args, message", [
     ((16, 4, 2, 6), "multiple of num_gpus"),
     ((16, 4, 3, 8), "multiple of num_nodes"),
