@@ -113,22 +113,24 @@ def balance_equal_shares(assign: np.ndarray, load: np.ndarray, max_iter: int = 1
                     k = (float(keys[j, 0]), float(keys[j, 1]))
                     if _better(k, best_key):
                         best_key, best_move = k, ("swap", g1, s1, int(idx[j]))
-        for g1 in range(num_devices):  # a re-assignment anywhere changes replica counts everywhere
-            for s1 in range(slots):
-                e1 = a[g1, s1]
-                if cnt[e1] < 2:
-                    continue
-                # the slot's replica of e1 goes (e1 keeps cnt-1), a replica of e2 takes its place
-                base = loads + copies[e1] * (load[e1] / (cnt[e1] - 1) - per[e1])
-                base[g1] -= load[e1] / (cnt[e1] - 1)
-                new = base[None, :] + copies * (load / (cnt + 1) - per)[:, None]
-                new[:, g1] += load / (cnt + 1)
-                new[e1] = np.inf
-                keys = np.column_stack([new.max(axis=1), (np.where(np.isinf(new), 0, new) ** 2).sum(axis=1)])
-                j = int(np.lexsort((keys[:, 1], keys[:, 0]))[0])
-                k = (float(keys[j, 0]), float(keys[j, 1]))
-                if _better(k, best_key):
-                    best_key, best_move = k, ("reassign", g1, s1, j)
+        # re-assignments, all slots at once: slot p's replica of e1 goes (e1 keeps cnt-1), a replica of
+        # e2 takes its place; that changes every device holding e1 or e2, so any slot may help
+        ps = np.flatnonzero(cnt[flat] >= 2)
+        if len(ps):
+            e1s, g1s = flat[ps], dev_of[ps]
+            rows = np.arange(len(ps))
+            base = loads[None, :] + copies[e1s] * (load[e1s] / (cnt[e1s] - 1) - per[e1s])[:, None]
+            base[rows, g1s] -= load[e1s] / (cnt[e1s] - 1)
+            new = base[:, None, :] + (copies * (load / (cnt + 1) - per)[:, None])[None]  # [slot, e2, device]
+            new[rows, :, g1s] += (load / (cnt + 1))[None, :]
+            mx = new.max(axis=2)
+            sq = (new ** 2).sum(axis=2)
+            mx[rows, e1s] = np.inf  # e2 == e1 is no move
+            order = np.lexsort((sq.reshape(-1), mx.reshape(-1)))[0]
+            i, e2 = divmod(int(order), num_experts)
+            k = (float(mx[i, e2]), float(sq[i, e2]))
+            if _better(k, best_key):
+                best_key, best_move = k, ("reassign", *divmod(int(ps[i]), slots), e2)
         if best_move is None:
             break
         kind, g1, s1, arg = best_move
