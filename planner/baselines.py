@@ -64,7 +64,14 @@ def balanced_packing(weight: np.ndarray, capacity: np.ndarray) -> np.ndarray:
 
 def eplb(load: np.ndarray, slots: np.ndarray, node_of: np.ndarray,
          groups: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """EPLB's placement as (x[e, g], share[e, g]); duplicate replicas on one device are merged.
+    """EPLB's placement as (x[e, g], share[e, g]); duplicate replicas on one device are merged."""
+    phys = eplb_physical(load, slots, node_of, groups)
+    return phys > 0, phys / phys.sum(axis=1, keepdims=True)
+
+
+def eplb_physical(load: np.ndarray, slots: np.ndarray, node_of: np.ndarray,
+                  groups: int | None = None) -> np.ndarray:
+    """EPLB's physical replicas per (expert, device), `phys[e, g]` (a device may hold two).
 
     `groups`: the model's expert groups (group-limited routing, as in DeepSeek-V3), contiguous.
     As published, the hierarchical policy (groups to nodes, then replicas to devices) applies only
@@ -86,7 +93,6 @@ def eplb(load: np.ndarray, slots: np.ndarray, node_of: np.ndarray,
                  for k, n in enumerate(nodes)]
     else:
         parts = [(np.arange(num_experts), np.arange(num_devices))]
-    x = np.zeros((num_experts, num_devices), dtype=bool)
     phys = np.zeros((num_experts, num_devices))  # physical replicas per (expert, device)
     for experts, devices in parts:
         reps = replicate(load[experts], int(slots[devices].sum()))
@@ -94,9 +100,7 @@ def eplb(load: np.ndarray, slots: np.ndarray, node_of: np.ndarray,
         weight = np.repeat(load[experts] / reps, reps)
         pack = balanced_packing(weight, slots[devices])
         np.add.at(phys, (items, devices[pack]), 1.0)
-    x = phys > 0
-    share = phys / phys.sum(axis=1, keepdims=True)
-    return x, share
+    return phys
 
 
 # --- FasterMoE shadowing -----------------------------------------------------------------------

@@ -36,7 +36,10 @@ def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.
                                                      "sync, migration); balance: the compute makespan alone")]
          = "time",
          eplb_out: Annotated[Path | None, typer.Option(help="also write DeepSeek EPLB's mapping tensors "
-                                                             "(phy2log, log2phy, logcnt) to this .npz")] = None) -> None:
+                                                             "(phy2log, log2phy, logcnt) to this .npz")] = None,
+         sglang_out: Annotated[Path | None, typer.Option(help="also write SGLang's --init-expert-location "
+                                                               "(physical_to_logical_map) to this .pt or .json")]
+         = None) -> None:
     """Plan a placement and print balance, estimated step time, bound, gap and migration."""
     c = Cluster.load(cluster)
     t = Trace.load(trace)
@@ -62,10 +65,17 @@ def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.
     before = cur or Plan(sel.num_experts, c.slots, [static_layer(sel.num_experts, c.slots, int(i))
                                                     for i in sel.layer_ids])
     moves = summarize(diff(before, new, c))
+    if sglang_out is not None:  # checked before anything is written
+        from experiments.sglang import save_expert_location, sglang_export
+        phy2log, sglang_lines = sglang_export(c, loads, new, sglang_out)
     new.save(output)
     if eplb_out is not None:
         save_eplb(new, eplb_out)
+    if sglang_out is not None:
+        save_expert_location(phy2log, sglang_out)
     _summary(c, loads, before, new, moves, "current plan" if cur is not None else "static EP")
+    if sglang_out is not None:
+        typer.echo("\n".join(sglang_lines))
 
 
 def _summary(c: Cluster, loads, before: Plan, new: Plan, moves: dict, what: str) -> None:

@@ -27,6 +27,19 @@ def import_smartmoe_cmd(directory: Path, output: Out,
                f"{t.num_experts} experts")
 
 
+@app.command("import-sglang")
+def import_sglang_cmd(file: Path, output: Out,
+                      top_k: Annotated[int, typer.Option(help="the model's top-k (SGLang's dump does not "
+                                                              "record it)")] = 1) -> None:
+    """Read an SGLang expert-distribution recorder dump (stat or per_pass mode, a .pt) into a trace."""
+    from experiments.sglang import import_sglang
+    t = import_sglang(file, top_k)
+    t.save(output)
+    typer.echo(f"{file}: {t.meta['lacks']}", err=True)
+    typer.echo(f"wrote {output}: {t.num_steps} passes x {t.num_layers} layers x {t.num_sources} source x "
+               f"{t.num_experts} experts ({t.meta['mode']} mode)")
+
+
 @app.command("synth")
 def synth_cmd(kind: Annotated[str, typer.Argument(help=f"one of: {', '.join(SYNTH_KINDS)}")], output: Out,
               steps: int = 100, layers: int = 1, sources: int = 16, experts: int = 32,
