@@ -25,13 +25,13 @@ from runtime.model import ModelConfig  # noqa: E402
 from runtime.trainer import TrainConfig  # noqa: E402
 
 
-def run(policy: str, args, out: Path) -> dict:
+def run(policy: str, args, out: Path, dispatch: str = "adaptive") -> dict:
     model = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_ff=args.d_ff,
                         num_experts=args.experts, top_k=args.top_k, seq_len=args.seq_len, router_skew=args.skew)
     cfg = TrainConfig(model, steps=args.steps, batch=args.batch, policy=policy, solver=args.solver,
                       interval=args.forced_every if policy == "random" else args.interval,
                       threshold=args.threshold, progress=False, result_out=str(out), seed=args.seed,
-                      slots=args.slots, time_budget=args.time_budget)
+                      slots=args.slots, time_budget=args.time_budget, dispatch=dispatch)
     spawn(cfg, 2, timeout=1800)
     return torch.load(out, weights_only=False)
 
@@ -69,25 +69,32 @@ def main() -> None:
                 np.array(r["balances"][w:]), steady & ~changed)
 
     # Interleave the runs: this machine is shared, and its speed drifts by tens of percent.
-    runs = {"static": [], "dynamic": [], "random": []}
-    stats = []
+    kinds = {"static": ("static", "plan"), "dynamic": ("dynamic", "adaptive"), "plan": ("dynamic", "plan"),
+             "random": ("random", "adaptive")}
+    runs = {k: [] for k in kinds}
+    stats, shares, fit = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            for policy in runs:
-                r = run(policy, args, Path(tmp) / f"{policy}{i}.pt")
-                runs[policy].append(series(r))
-                if policy == "dynamic":
+            for kind, (policy, dispatch) in kinds.items():
+                r = run(policy, args, Path(tmp) / f"{kind}{i}.pt", dispatch)
+                runs[kind].append(series(r))
+                if kind == "dynamic":
                     stats.append(r["stats"])
+                    shares.append(r["shares"])
+                if kind in ("static", "dynamic", "plan"):  # straggler busy time against its tokens
+                    fit.append((np.asarray(r["device_tokens"])[w:].max(axis=1), series(r)[1]))
     tok = args.batch * 2 * args.seq_len
 
     def cat(policy, k):
         return np.concatenate([r[k] for r in runs[policy]])
 
     s_wall, s_busy, s_bal = cat("static", 0), cat("static", 1), cat("static", 3)
-    l_wall, l_busy, changes, l_bal, settled = (cat("dynamic", k) for k in range(5))
-    rows = [("static EP", s_wall, s_busy, s_bal), ("live re-placement, whole run", l_wall, l_busy, l_bal)]
-    if settled.any():
-        rows.append(("live, steady after 1st plan", l_wall[settled], l_busy[settled], l_bal[settled]))
+    rows = [("static EP", s_wall, s_busy, s_bal)]
+    for kind, label in (("plan", "live, plan shares"), ("dynamic", "live, per-step shares")):
+        l_wall, l_busy, changes, l_bal, settled = (cat(kind, k) for k in range(5))
+        rows.append((f"{label}, whole run", l_wall, l_busy, l_bal))
+        if settled.any():
+            rows.append((f"{label}, steady", l_wall[settled], l_busy[settled], l_bal[settled]))
     print(f"\nworld size 2 (gloo, 1 thread per rank), {args.repeats} x {args.steps} steps per policy "
           f"({w} warm-up steps dropped per run), "
           f"{tok} tokens/step, skew {args.skew}, top-{args.top_k}, {args.experts} experts, d_ff {args.d_ff}, "
@@ -99,6 +106,15 @@ def main() -> None:
         print(f"{name:<30} {wall.mean() * 1e3:>8.1f} {tok / wall.mean():>7.0f} {s_wall.mean() / wall.mean():>5.2f} "
               f"{busy.mean() * 1e3:>8.1f} {tok / busy.mean():>7.0f} {s_busy.mean() / busy.mean():>5.2f} "
               f"{bal.mean():>8.2f}")
+    solves = sum(sh["solves"] for sh in shares)
+    print(f"per-step shares: {1e3 * sum(sh['seconds'] for sh in shares) / max(solves, 1):.2f} ms per layer and "
+          f"step ({solves} solves, {sum(sh['adapted'] for sh in shares)} moved off the plan's shares, "
+          f"{sum(sh['failures'] for sh in shares)} failures)")
+    tokens, busy = np.concatenate([f[0] for f in fit]), np.concatenate([f[1] for f in fit])
+    slope, intercept = np.polyfit(tokens, busy, 1)
+    print(f"straggler busy time ~ {intercept * 1e3:.1f} ms + {slope * 1e6:.1f} us x its tokens (all layers; "
+          f"least squares over {len(tokens)} steps): {intercept * 1e3:.1f} ms of each step does not depend on "
+          f"balance (attention, dense layers, exchanges, routing)")
     committed = sum(st["committed"] for st in stats)
     per_plan = {k: 1e3 * sum(st[k] for st in stats) / max(committed, 1) for k in ("switch_s", "solve_s")}
     print(f"plans per live run: {committed / args.repeats:.1f} committed; rank 0's own switching work "

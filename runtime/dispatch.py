@@ -61,8 +61,9 @@ def gather_counts(local: torch.Tensor, world: int, group=None) -> np.ndarray:
 
 def moe_apply(h: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, store, x: np.ndarray,
               share: np.ndarray, rank: int, world: int, group=None, nodes: np.ndarray | None = None,
-              share_rule=None) -> tuple[torch.Tensor, np.ndarray]:
-    """Experts' weighted output for tokens `h[N, d]` with top-k `idx`/`gate[N, k]`, and the counts.
+              share_rule=None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Experts' weighted output for tokens `h[N, d]` with top-k `idx`/`gate[N, k]`, the counts
+    `[S, E]` of every source, and the shares `[E, G]` this step dispatched with.
 
     `x[E, G]` are the replicas in place and `share[E, G]` the plan's shares; `share_rule(counts,
     x, share)` (None: the plan's) picks the shares this step dispatches with. Pairs (token,
@@ -112,4 +113,4 @@ def moe_apply(h: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, store, x: 
     back = all_to_all(y_recv, in_splits, out_splits, group)
     w = gate.reshape(-1)[send_pairs].unsqueeze(1).to(back.dtype)
     out = torch.zeros_like(h).index_add(0, send_tok, back * w)
-    return out, counts
+    return out, counts, step_share

@@ -77,6 +77,7 @@ class MoELayer(nn.Module):
         self.rank, self.world, self.group = 0, 1, None
         self.nodes: np.ndarray | None = None  # node of each rank, for node-first dispatch (None: one node)
         self.last_counts: np.ndarray | None = None  # [sources, experts] of the last forward
+        self.last_share: np.ndarray | None = None  # [experts, devices] shares it dispatched with
 
     def bind(self, store, x: np.ndarray, share: np.ndarray, rank: int, world: int, group=None,
              nodes: np.ndarray | None = None, share_rule=None) -> None:
@@ -93,7 +94,7 @@ class MoELayer(nn.Module):
         e = self.cfg.num_experts
         frac = torch.bincount(idx.reshape(-1), minlength=e).to(probs.dtype) / idx.numel()
         aux = e * (frac * probs.mean(dim=0)).sum()
-        out, counts = moe_apply(h, idx, gate, self.store, self.x, self.share, self.rank, self.world, self.group,
+        out, counts, self.last_share = moe_apply(h, idx, gate, self.store, self.x, self.share, self.rank, self.world, self.group,
                                 self.nodes, self.share_rule)
         self.last_counts = counts
         return out.view(b, t, d), aux

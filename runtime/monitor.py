@@ -28,11 +28,21 @@ class Monitor:
         self.smoothed = c if self.smoothed is None else self.ema * c + (1 - self.ema) * self.smoothed
 
 
-def balance(counts: np.ndarray, plan: Plan) -> float:
-    """Max over mean tokens per device under `plan` (worst layer); 1.0 is perfect."""
-    worst = 1.0
-    for l, lp in enumerate(plan.layers):
-        tokens = (np.asarray(counts[l]).sum(axis=0)[:, None] * lp.shares()).sum(axis=0)
-        if tokens.mean() > 0:
-            worst = max(worst, float(tokens.max() / tokens.mean()))
-    return worst
+def device_tokens(counts: np.ndarray, shares: list[np.ndarray]) -> np.ndarray:
+    """`[L, G]` tokens each device computes in each layer for `counts[L, S, E]` and per-layer shares."""
+    return np.stack([(np.asarray(c).sum(axis=0)[:, None] * s).sum(axis=0) for c, s in zip(counts, shares)])
+
+
+def worst_balance(tokens: np.ndarray) -> float:
+    """Max over mean of `tokens[L, G]`, worst layer; 1.0 is perfect (and for a layer with no tokens)."""
+    mean = tokens.mean(axis=1)
+    ok = mean > 0
+    return float(max(1.0, (tokens.max(axis=1)[ok] / mean[ok]).max(initial=1.0)))
+
+
+def balance(counts: np.ndarray, plan: Plan, share_rule=None) -> float:
+    """Max over mean tokens per device (worst layer; 1.0 is perfect) for `counts[L, S, E]` under
+    `plan`, with the shares the dispatch would use: `share_rule(counts, x, share)` (None: the plan's)."""
+    shares = [lp.shares() if share_rule is None else share_rule(counts[l], lp.replicas(), lp.shares())
+              for l, lp in enumerate(plan.layers)]
+    return worst_balance(device_tokens(counts, shares))

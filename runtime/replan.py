@@ -133,7 +133,7 @@ class Replanner:
     def __init__(self, policy: str, *, rank: int, world: int, num_experts: int, slots: np.ndarray, layers: int,
                  cluster=None, solver: str = "greedy", time_budget: float = 1.0, interval: int = 50,
                  threshold: float = 1.2, seed: int = 0, faults: Faults | None = None,
-                 transfer_timeout: float = 30.0, group=None, log=None, device=None):
+                 transfer_timeout: float = 30.0, group=None, log=None, device=None, share_rule=None):
         if policy not in POLICIES:
             raise InputError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
         self.policy, self.rank, self.world = policy, rank, world
@@ -143,6 +143,7 @@ class Replanner:
         self.faults = faults or Faults()
         self.timeout, self.group, self.device = transfer_timeout, group, device
         self.log = log or (lambda msg: None)
+        self.share_rule = share_rule  # the trigger judges balance under the shares the dispatch would use
         self.seq = 0
         self.thread: threading.Thread | None = None
         self.result: Plan | None = None
@@ -158,7 +159,7 @@ class Replanner:
         since = step + 1 - self.last_trigger
         due = since >= self.interval
         if self.policy == "dynamic" and not due and since >= max(1, self.interval // 4):
-            due = balance(smoothed, plan) > self.threshold
+            due = balance(smoothed, plan, self.share_rule) > self.threshold
         if not due:
             return
         self.last_trigger = step + 1

@@ -26,7 +26,7 @@ from runtime import checkpoint as ckpt
 from runtime.data import Batches, load_corpus
 from runtime.experts import init_experts
 from runtime.model import ModelConfig, MoEGPT
-from runtime.monitor import Monitor, balance
+from runtime.monitor import Monitor, device_tokens, worst_balance
 from runtime.owners import AdamW, ExpertRuntime
 from runtime.replan import POLICIES, Faults, Replanner
 
@@ -144,9 +144,9 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
                               layers=m.n_layers, cluster=cluster, solver=cfg.solver, time_budget=cfg.time_budget,
                               interval=cfg.interval, threshold=cfg.threshold, seed=cfg.seed, faults=cfg.faults,
                               transfer_timeout=cfg.transfer_timeout, group=group, log=log,
-                              device=device)
+                              device=device, share_rule=ShareRule(cluster, cfg.dispatch))
     params = list(model.parameters())
-    losses, times, changes, balances, cpu, phases = [], [], [], [], [], []
+    losses, times, changes, balances, cpu, phases, served = [], [], [], [], [], [], []
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -210,7 +210,9 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
             losses.append(mean_loss)
             times.append(dt)
             changes.append(pending is not None)
-            balances.append(balance(counts, rt.plan))
+            tokens = device_tokens(counts, [layer.last_share for layer in model.moe_layers])
+            served.append(tokens.sum(axis=0))
+            balances.append(worst_balance(tokens))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
@@ -238,6 +240,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
     result = {"losses": losses, "step_times": times, "changes": changes, "balances": balances,
               "cpu_times": cpu_all.cpu().numpy(), "phases": np.array(phases), "phase_names": PHASES,
               "stats": replanner.stats if replanner else {}, "shares": share_rule.stats(), "start": start,
+              "device_tokens": np.array(served),  # [steps, G] tokens each device computed, all layers
               "experts": state.cpu(), "dense": {k: v.cpu() for k, v in model.state_dict().items()},
               "plan": rt.plan.to_dict(), "tokens_per_step": tokens_per_step}
     if rank == 0 and cfg.result_out:

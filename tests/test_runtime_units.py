@@ -23,7 +23,7 @@ def test_moe_apply_single_process_matches_direct_computation():
     h = torch.randn(N, d)
     idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
     gate = torch.rand(N, k)
-    out, counts = moe_apply(h, idx, gate, store, np.ones((E, 1), bool), np.ones((E, 1)), 0, 1)
+    out, counts, _ = moe_apply(h, idx, gate, store, np.ones((E, 1), bool), np.ones((E, 1)), 0, 1)
     ref = torch.stack([sum(gate[t, j] * store.run(int(idx[t, j]), h[t:t + 1])[0] for j in range(k)) for t in range(N)])
     assert torch.allclose(out, ref, atol=1e-5)
     assert counts.sum() == N * k
