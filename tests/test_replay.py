@@ -117,7 +117,6 @@ def test_predictor_sees_only_the_past():
 
 @pytest.mark.parametrize("solver", ["eplb", "shadow", "greedy"])
 def test_future_perturbation_changes_no_earlier_decision(solver):
-    pytest.importorskip(f"planner.{'greedy' if solver == 'greedy' else 'baselines'}")
     a = synth("rotate", steps=12, sources=4, experts=8, tokens_per_source=200, period=2, seed=3)
     b_counts = a.counts.copy()
     k = 8  # a re-plan step: its decision uses steps 4..7 only
@@ -134,7 +133,6 @@ def test_future_perturbation_changes_no_earlier_decision(solver):
 
 
 def test_first_plan_is_static_for_every_policy():
-    pytest.importorskip("planner.baselines")
     trace = synth("zipf", steps=6, sources=4, experts=8, tokens_per_source=100, seed=2)
     cluster = local_cpu(slots=4, world_size=4)
     base = replay(trace, cluster, Policy("static", "static"))
