@@ -114,7 +114,7 @@ def step_makespan(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np
 
 
 DISPATCH_MODES = ("adaptive", "plan")
-CACHE_SIZE = 64  # placements whose LP is kept (layers x recent plans)
+CACHE_SIZE = 256  # placements whose LP is kept: two plans of a 61-layer model, with room
 
 
 class ShareRule:
