@@ -150,8 +150,10 @@ class Cluster:
         """Every expert needs at least one slot somewhere."""
         total = int(self.slots.sum())
         if total < num_experts:
-            raise InputError(f"the cluster has {total} expert slots in all, fewer than the "
-                             f"{num_experts} experts to place", where)
+            need = -(-num_experts // self.num_devices)
+            raise InputError(f"the cluster has {total} expert slots in all, fewer than the {num_experts} experts "
+                             f"to place: give each of its {self.num_devices} devices at least {need} "
+                             f"(--slots {need + 1} leaves one spare each)", where)
 
     # --- links -------------------------------------------------------------------------
     def link_class(self, src: int, dst: int) -> str:

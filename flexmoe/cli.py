@@ -11,6 +11,8 @@ import sys
 from typing import Annotated
 
 import typer
+from typer import Abort
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from cost_models.files import InputError, WriteError
 from cost_models.launch import WorkerError
@@ -56,13 +58,23 @@ def main(argv: list[str] | None = None) -> None:
     argv = flags + [a for a in argv if a not in GLOBAL_FLAGS]
     console.setup("-q" in flags or "--quiet" in flags, "-v" in flags or "--verbose" in flags)
     try:
-        app(args=argv, prog_name="flexmoe")
+        code = app(args=argv, prog_name="flexmoe", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # `flexmoe` or `flexmoe trace` alone: the help
+        exc.show()
+        sys.exit(2)
+    except ClickException as exc:  # a bad option or value: one line, and where to look
+        where = f" (see: flexmoe {exc.ctx.command_path.partition(' ')[2]} --help)".replace("  ", " ") \
+            if getattr(exc, "ctx", None) is not None else ""
+        _fail(exc.format_message() + where, 2)
+    except Abort:
+        _fail("interrupted", 130)
     except InputError as exc:
         _fail(exc, 2)
     except (TimeoutError, WorkerError, WriteError) as exc:
         _fail(exc, 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _fail(exc, code: int) -> None:
