@@ -80,12 +80,13 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
                 done.append((path, backup))
                 os.replace(tmp, path)
         except OSError as exc:
+            failed = path
             for path, backup in reversed(done):  # put back what was there
                 if backup is not None:
                     os.replace(backup, path)
                 elif path.exists():
                     path.unlink()
-            raise WriteError(path, exc) from None
+            raise WriteError(failed, exc) from None
         for d in {p.parent for p in targets}:
             _fsync_dir(d)
     except OSError as exc:
@@ -181,6 +182,9 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable
         key = _key(p)
         if key in ins:
             raise InputError(f"{option} would overwrite an input file", path)
+        inside = [q for k, q in ins.items() if Path(q).is_dir() and k in key.parents]
+        if inside:
+            raise InputError(f"{option} lies inside the input directory {inside[0]}", path)
         if key in seen:
             raise InputError(f"{option} and {seen[key]} name the same file", path)
         seen[key] = option

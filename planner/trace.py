@@ -99,7 +99,7 @@ class Trace:
             try:
                 counts = np.asarray(doc["counts"], dtype=np.float64)
             except (ValueError, TypeError, OverflowError, RecursionError):
-                raise InputError("'counts' must be a rectangular 4-D array of numbers "
+                raise InputError("'counts' must be a rectangular 4-D array of finite numbers "
                                  "[step, layer, source, expert]", path) from None
             return cls._build(counts, doc, doc.get("step_ids"), doc.get("layer_ids"), path)
         arrays = read_npz(path, "trace")

@@ -67,7 +67,7 @@ def train_cmd(
     finite_number(timeout, "--timeout", None, positive=True)
     for p, what in ((plan, "plan"), (cluster, "cluster"), (resume, "checkpoint"), (data, "text")):
         if p is not None and not p.is_file():
-            raise InputError(f"no such {what} file" if not p.exists() else f"not a {what} file", p)
+            raise InputError(f"a directory, not a {what} file" if p.is_dir() else f"no such {what} file", p)
     cfg = TrainConfig(
         ModelConfig(d_model, layers, heads, d_ff, experts, top_k, seq_len, aux_coef, router_skew),
         steps=steps, batch=batch, lr=lr, seed=seed, data=str(data) if data else None, slots=slots, policy=policy,
