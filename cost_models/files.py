@@ -183,8 +183,8 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable
         if key in ins:
             raise InputError(f"{option} would overwrite an input file", path)
         inside = [q for k, q in ins.items() if Path(q).is_dir() and k in key.parents]
-        if inside:
-            raise InputError(f"{option} lies inside the input directory {inside[0]}", path)
+        if inside and p.exists():
+            raise InputError(f"{option} would replace a file of the input directory {inside[0]}", path)
         if key in seen:
             raise InputError(f"{option} and {seen[key]} name the same file", path)
         seen[key] = option
