@@ -128,4 +128,9 @@ def _run_then_exit(rank: int, fn, level: int, errors: str, *args) -> None:
         raise
     sys.stdout.flush()
     sys.stderr.flush()
+    try:  # release semaphores this process made (tqdm's lock): unreleased, the parent warns of leaks
+        from multiprocessing import util
+        util._run_finalizers(0)
+    except Exception:
+        pass
     os._exit(0)
