@@ -77,7 +77,8 @@ def train_cmd(
         checkpoint_every=checkpoint_every, resume=str(resume) if resume else None,
         progress=console.progress(progress), reproducible=reproducible, summary=True)
     if under_torchrun():
-        cfg.check(1)
+        from runtime.trainer import preflight
+        preflight(cfg, int(os.environ["WORLD_SIZE"]))  # each rank, before joining the group
         run_torchrun(cfg)
         if int(os.environ["RANK"]) != 0:
             return
