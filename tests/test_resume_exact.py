@@ -73,3 +73,23 @@ def test_replanner_state_round_trip_keeps_the_trigger_schedule():
             r.after_step(step, loads, plan)
             seen[name].append(r.last_trigger)
     assert seen["a"] == seen["b"] and len(set(seen["a"])) >= 3
+
+
+def test_a_failed_periodic_checkpoint_does_not_stop_training(tmp_path, monkeypatch):
+    """A full disk at a periodic checkpoint: training goes on, the final checkpoint is written."""
+    from runtime import checkpoint as ckpt
+
+    real, calls = ckpt.save, []
+
+    def save(path, **kw):
+        calls.append(kw["step"])
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real(path, **kw)
+
+    monkeypatch.setattr(ckpt, "save", save)
+    ck = tmp_path / "ck.pt"
+    model = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16, num_experts=2, top_k=1, seq_len=8)
+    spawn(TrainConfig(model, steps=4, batch=1, progress=False, checkpoint=str(ck), checkpoint_every=2), 1)
+    assert calls == [2, 4, 4] and torch.load(ck, weights_only=True)["step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
