@@ -191,9 +191,6 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: Iterable
         if option in dirs:
             if p.exists() and not p.is_dir():
                 raise InputError(f"{option} must be a directory, but a file is there", path)
-            for q in ins.values():
-                if _key(Path(q)).parent == key:
-                    raise InputError(f"{option} holds the input {q}; choose another directory", path)
             _check_writable_dir(p, option, path)
         else:
             if p.is_dir():
