@@ -117,6 +117,7 @@ def preflight(cfg: TrainConfig, world: int) -> None:
     cfg.check(world)
     check_outputs({"--trace-out": cfg.trace_out, "--checkpoint": cfg.checkpoint, "result": cfg.result_out},
                   inputs=[cfg.data, cfg.plan, cfg.cluster])  # --checkpoint may be --resume: replaced whole
+    check_outputs({"--trace-out": cfg.trace_out, "result": cfg.result_out}, inputs=[cfg.resume])
     m = cfg.model
     plan = ckpt.load(cfg.resume, m.to_dict(), world)["plan"] if cfg.resume else initial_plan(cfg, world)
     load_cluster(cfg, world, int(plan.slots.max()))

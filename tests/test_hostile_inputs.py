@@ -253,6 +253,8 @@ OUT_CASES = [
     ("train-ck-dir", "outputs", lambda d: ["train", "--checkpoint", d / "logs", *TRAIN], "logs"),
     ("train-trace-is-data", "outputs", lambda d: ["train", "--data", d / "d.txt", "--trace-out", d / "d.txt", *TRAIN],
      "d.txt"),
+    ("train-trace-is-resume", "outputs", lambda d: ["train", "--world-size", "1", "--resume", d / "ck.pt",
+                                                    "--trace-out", d / "ck.pt", *TRAIN], "ck.pt"),
     ("train-ck-is-cluster", "outputs", lambda d: ["train", "--cluster", d / "c.json", "--checkpoint", d / "c.json",
                                                   *TRAIN], "c.json"),
     ("synth-out-dir", "outputs", lambda d: ["trace", "synth", "zipf", "-o", d / "logs"], "logs"),
