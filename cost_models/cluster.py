@@ -21,6 +21,12 @@ from cost_models.files import (InputError, check_schema, finite_number, read_jso
 SCHEMA = "flexmoe.cluster/1"
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 INTRA, INTER = "intra", "inter"
+# Sane upper bounds for a cluster file: beyond them a number is a typo, and sums or the [G, G]
+# link matrices would overflow or take minutes.
+MAX_DEVICES = 4096
+MAX_SLOTS = 65536
+MAX_SECONDS = 3600.0  # any latency or per-step compute time
+MAX_SIZE = 2**24  # expert hidden and FFN sizes
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,10 @@ class Cluster:
         """Every expert needs at least one slot somewhere."""
         total = int(self.slots.sum())
         if total < num_experts:
-            raise InputError(f"the cluster has {total} expert slots in all, fewer than the "
-                             f"{num_experts} experts to place", where)
+            need = -(-num_experts // self.num_devices)
+            raise InputError(f"the cluster has {total} expert slots in all, fewer than the {num_experts} experts "
+                             f"to place: give each of its {self.num_devices} devices at least {need} "
+                             f"(--slots {need + 1} leaves one spare each)", where)
 
     # --- links -------------------------------------------------------------------------
     def link_class(self, src: int, dst: int) -> str:
@@ -239,10 +247,12 @@ def _parse(doc: dict, path) -> Cluster:
     ex = doc["expert"]
     if ex.get("dtype") not in DTYPE_BYTES:
         raise InputError(f"expert dtype must be one of {sorted(DTYPE_BYTES)}, got {ex.get('dtype')!r}", path)
-    expert = ExpertShape(whole_number(ex["hidden"], "expert.hidden", path, minimum=1),
-                         whole_number(ex["ffn"], "expert.ffn", path, minimum=1), ex["dtype"])
+    expert = ExpertShape(whole_number(ex["hidden"], "expert.hidden", path, minimum=1, maximum=MAX_SIZE),
+                         whole_number(ex["ffn"], "expert.ffn", path, minimum=1, maximum=MAX_SIZE), ex["dtype"])
     if not isinstance(doc["devices"], list) or not doc["devices"]:
         raise InputError("'devices' must be a non-empty list", path)
+    if len(doc["devices"]) > MAX_DEVICES:
+        raise InputError(f"{len(doc['devices'])} devices; at most {MAX_DEVICES} are supported", path)
     devices = []
     for i, d in enumerate(doc["devices"]):
         where = f"devices[{i}]"
@@ -252,13 +262,16 @@ def _parse(doc: dict, path) -> Cluster:
             node=whole_number(d["node"], f"{where}.node", path),
             kind=str(d["kind"]),
             memory_bytes=whole_number(d["memory_bytes"], f"{where}.memory_bytes", path),
-            slots=whole_number(d["slots"], f"{where}.slots", path),
-            compute=ComputeModel(finite_number(c["a"], f"{where}.compute.a", path, minimum=0.0),
-                                 finite_number(c["b"], f"{where}.compute.b", path, positive=True),
+            slots=whole_number(d["slots"], f"{where}.slots", path, maximum=MAX_SLOTS),
+            compute=ComputeModel(finite_number(c["a"], f"{where}.compute.a", path, minimum=0.0, maximum=MAX_SECONDS),
+                                 finite_number(c["b"], f"{where}.compute.b", path, positive=True,
+                                               maximum=MAX_SECONDS),
                                  dict(c.get("fit", {}))),
         ))
     links = {name: _link(v, f"links.{name}", path) for name, v in doc["links"].items()}
     pairs = {}
+    if not isinstance(doc.get("pairs", []), list):
+        raise InputError("'pairs' must be a list", path)
     for i, p in enumerate(doc.get("pairs", [])):
         key = (whole_number(p["src"], f"pairs[{i}].src", path), whole_number(p["dst"], f"pairs[{i}].dst", path))
         pairs[key] = _link(p, f"pairs[{i}]", path)
@@ -272,8 +285,8 @@ def _parse(doc: dict, path) -> Cluster:
 
 
 def _link(v: dict, where: str, path) -> Link:
-    return Link(finite_number(v["alpha"], f"{where}.alpha", path, minimum=0.0),
-                finite_number(v["beta"], f"{where}.beta", path, positive=True))
+    return Link(finite_number(v["alpha"], f"{where}.alpha", path, minimum=0.0, maximum=MAX_SECONDS),
+                finite_number(v["beta"], f"{where}.beta", path, minimum=1.0))  # bytes/s
 
 
 def _validate(c: Cluster, path) -> None:

@@ -1,7 +1,7 @@
 """Run placement policies side by side on one trace and cluster; tables, CSV and Markdown.
 
-Everything is computed before anything is written, and every file goes through the atomic
-writers, so a bad input or a crash never leaves a half-written report.
+Everything is computed before anything is written, and the report's files are put in place
+together (`atomic_paths`), so a bad input or a failed write never leaves a partial report.
 """
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.files import InputError, atomic_path, write_text_atomic
+from cost_models.files import InputError, atomic_paths, read_npz
 from experiments.replay import FIXED, POLICIES, Policy, ReplayResult, replay, trace_stride
 from planner.step_shares import DISPATCH_MODES
 from experiments.traces import import_smartmoe
@@ -32,10 +31,10 @@ def load_trace(path: str | os.PathLike) -> Trace:
         if Path(path).suffix == ".json":
             raise
         try:
-            with np.load(path, allow_pickle=False) as data:
-                excerpt = "meta" not in data.files and "counts" in data.files and data["counts"].ndim == 5
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+            arrays = read_npz(path, "trace")
+        except InputError:
             raise first from None
+        excerpt = "meta" not in arrays and "counts" in arrays and arrays["counts"].ndim == 5
         if not excerpt:
             raise first from None
         return import_smartmoe(path, "sum")
@@ -209,10 +208,9 @@ def write_report(out_dir: str | os.PathLike, results: list[ReplayResult], settin
         from experiments.figures import render_all
         images = render_all(results, rows)  # name -> PNG bytes, rendered before anything is written
     texts["report.md"] = report_markdown(rows, opt, setting, list(images))
-    for name, text in texts.items():
-        write_text_atomic(out_dir / name, text)
-    for name, data in images.items():
-        with atomic_path(out_dir / name) as tmp:
+    blobs = {name: text.encode() for name, text in texts.items()} | images
+    with atomic_paths(*(out_dir / name for name in blobs)) as tmps:  # the whole report, or none of it
+        for tmp, data in zip(tmps, blobs.values()):
             tmp.write_bytes(data)
     return {"rows": rows, "optimality": opt, "files": sorted(texts) + sorted(images)}
 

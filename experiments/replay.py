@@ -87,8 +87,8 @@ class Policy:
             raise InputError(f"the predictor window must be >= 1 step, got {self.window}")
         if self.solver == "capacity" and not self.capacity_factor > 0:
             raise InputError(f"the capacity factor must be > 0, got {self.capacity_factor}")
-        if self.time_budget <= 0:
-            raise InputError(f"the time budget must be > 0 seconds, got {self.time_budget}")
+        if not 0 < self.time_budget <= 86400:  # NaN fails too
+            raise InputError(f"the time budget must be in (0, 86400] seconds, got {self.time_budget}")
         return self
 
     @property

@@ -64,13 +64,14 @@ def check_expert_location(phy2log: np.ndarray, num_experts: int, ep_size: int) -
             "redundant": redundant, "ep_size": ep_size, "per_gpu": num_physical // ep_size}
 
 
-def save_expert_location(phy2log: np.ndarray, path: str | os.PathLike) -> None:
+def save_expert_location(phy2log: np.ndarray, path: str | os.PathLike, suffix: str | None = None) -> None:
     """Write `{"physical_to_logical_map": phy2log}` as a `.pt` (an int64 tensor, loadable with
     `torch.load(weights_only=True)`) or a `.json` (nested lists): nothing else, since SGLang passes
-    the dict's keys on as keyword arguments."""
-    path = _check_suffix(path)
+    the dict's keys on as keyword arguments. `suffix` names the format when `path` is a temporary
+    file standing for the real one."""
+    path = Path(path) if suffix else _check_suffix(path)
     phy2log = np.asarray(phy2log, dtype=np.int64)
-    if path.suffix == ".json":
+    if (suffix or path.suffix) == ".json":
         write_json_atomic(path, {"physical_to_logical_map": phy2log.tolist()})
     else:
         import torch

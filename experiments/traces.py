@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cost_models.files import InputError
+from cost_models.files import MAX_COUNT, InputError, read_npz
 from planner.plan import static_layer
 from planner.trace import Trace
 
@@ -134,11 +134,7 @@ def _from_micro_batches(raw: np.ndarray, iters: np.ndarray, layer_ids: np.ndarra
 
 def _import_smartmoe_npz(path: Path, micro_batches: str, top_k: int) -> Trace:
     """The converted excerpt: counts[iteration, layer, source, micro_batch, expert], iters, layers."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"not a readable .npz: {exc}", path) from None
+    arrays = read_npz(path, "SmartMoE excerpt")
     raw = arrays.get("counts")
     if raw is None or raw.ndim != 5:
         raise InputError("expected 'counts' of shape [iteration, layer, source, micro_batch, expert]", path)
@@ -147,6 +143,9 @@ def _import_smartmoe_npz(path: Path, micro_batches: str, top_k: int) -> Trace:
     layer_ids = arrays.get("layers", np.arange(layers))
     if iters.shape != (its,) or layer_ids.shape != (layers,):
         raise InputError("'iters' and 'layers' must match the counts' first two axes", path)
+    if raw.dtype.kind not in "iuf" or (raw.dtype.kind == "f" and not np.isfinite(raw).all()) \
+            or (raw < 0).any() or (raw > MAX_COUNT).any() or (raw != np.round(raw)).any():
+        raise InputError(f"'counts' must hold whole numbers in 0..{MAX_COUNT}", path)
     try:
         return _from_micro_batches(raw.astype(np.int64), iters, layer_ids, micro_batches, top_k,
                                    f"smartmoe-ae:{path.name}")
@@ -168,12 +167,15 @@ def _read_smartmoe_log(path: Path) -> np.ndarray:
             if not sep:
                 raise ValueError("no ':'")
             table = np.array(ast.literal_eval(body.strip()), dtype=np.float64)
-        except (ValueError, SyntaxError) as exc:
+        except (RecursionError, MemoryError):
+            raise InputError(f"line {n}: nested too deeply", path) from None
+        except (ValueError, SyntaxError, TypeError, OverflowError) as exc:
             raise InputError(f"line {n}: expected 'LAYER:[[counts], ...]': {exc}", path) from None
         if table.ndim != 2 or not layer.strip().isdigit():
             raise InputError(f"line {n}: expected 'LAYER:[[counts per expert] per micro-batch]'", path)
-        if not np.isfinite(table).all() or (table < 0).any() or (table != np.round(table)).any():
-            raise InputError(f"line {n}: counts must be non-negative whole numbers", path)
+        if not np.isfinite(table).all() or (table < 0).any() or (table != np.round(table)).any() \
+                or (table > MAX_COUNT).any():
+            raise InputError(f"line {n}: counts must be non-negative whole numbers of at most {MAX_COUNT}", path)
         rows[int(layer)] = table.astype(np.int64)
     if not rows:
         raise InputError("no layer lines", path)

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from cost_models.files import InputError, atomic_path
+from cost_models.files import InputError, atomic_path, read_npz
 from planner.plan import EMPTY, LayerPlan, Plan
 
 
@@ -92,18 +92,17 @@ def save_eplb(plan: Plan, path: str | os.PathLike) -> None:
 
 
 def load_eplb(path: str | os.PathLike, num_devices: int) -> Plan:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise InputError("no such EPLB mapping file", path) from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"not a readable .npz mapping: {exc}", path) from None
+    arrays = read_npz(path, "EPLB mapping")
     if "phy2log" not in arrays:
         raise InputError("missing array 'phy2log'", path)
+    for name, arr in arrays.items():
+        if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and not np.isfinite(arr).all()):
+            raise InputError(f"array {name!r} must hold finite numbers", path)
     num_experts = arrays["logcnt"].shape[-1] if "logcnt" in arrays else None
     try:
         return from_eplb(arrays["phy2log"], num_devices, num_experts, arrays.get("log2phy"),
                          arrays.get("logcnt"), arrays.get("phy_share"), arrays.get("owner"))
     except InputError as exc:
         raise InputError(exc.problem, path) from None
+    except (ValueError, IndexError, TypeError, OverflowError) as exc:  # shapes that do not fit together
+        raise InputError(f"inconsistent EPLB mapping arrays: {exc}", path) from None

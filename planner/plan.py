@@ -16,6 +16,9 @@ import numpy as np
 
 from cost_models.files import (InputError, check_schema, read_json, whole_number, write_json_atomic)
 
+MAX_EXPERTS = 2**20  # per layer; beyond it a number in a plan file is a typo
+MAX_DEVICES = 2**16
+
 SCHEMA = "flexmoe.plan/1"
 EMPTY = -1
 SHARE_TOLERANCE = 1e-6
@@ -160,9 +163,11 @@ class Plan:
     def from_dict(cls, doc, path: str | os.PathLike | None = None) -> "Plan":
         check_schema(doc, SCHEMA, path, "plan")
         try:
-            num_experts = whole_number(doc["num_experts"], "num_experts", path, minimum=1)
-            num_devices = whole_number(doc["num_devices"], "num_devices", path, minimum=1)
-            slots = [whole_number(s, "slots[]", path) for s in doc["slots"]]
+            num_experts = whole_number(doc["num_experts"], "num_experts", path, minimum=1, maximum=MAX_EXPERTS)
+            num_devices = whole_number(doc["num_devices"], "num_devices", path, minimum=1, maximum=MAX_DEVICES)
+            if not isinstance(doc["slots"], list) or not isinstance(doc["layers"], list):
+                raise InputError("'slots' and 'layers' must be lists", path)
+            slots = [whole_number(s, "slots[]", path, maximum=MAX_EXPERTS) for s in doc["slots"]]
             if len(slots) != num_devices:
                 raise InputError(f"'slots' lists {len(slots)} devices, num_devices is {num_devices}", path)
             if sum(slots) < num_experts:
@@ -197,15 +202,15 @@ class Plan:
 def _matrix(value, dtype, name: str, shape: tuple, path) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise InputError(f"{name} must be a rectangular array of numbers", path) from None
     if arr.shape != shape:
         raise InputError(f"{name} has shape {arr.shape}, expected {shape}", path)
     if not np.isfinite(arr).all():
         raise InputError(f"{name} holds NaN or infinite values", path)
     if dtype is np.int64:
-        if (arr != np.round(arr)).any():
-            raise InputError(f"{name} must hold integers", path)
+        if (arr != np.round(arr)).any() or (np.abs(arr) > 2**53).any():
+            raise InputError(f"{name} must hold integers of at most 2**53", path)
     return arr.astype(dtype)
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cost_models.files import (InputError, atomic_path, check_schema, read_json, whole_number,
-                               write_json_atomic)
+from cost_models.files import (MAX_COUNT, InputError, atomic_path, check_schema, parse_json, read_json,
+                               read_npz, whole_number, write_json_atomic)
 
 SCHEMA = "flexmoe.trace/1"
 
@@ -99,25 +98,17 @@ class Trace:
                 raise InputError("missing 'counts'", path)
             try:
                 counts = np.asarray(doc["counts"], dtype=np.float64)
-            except (ValueError, TypeError):
-                raise InputError("'counts' must be a rectangular 4-D array of numbers "
+            except (ValueError, TypeError, OverflowError, RecursionError):
+                raise InputError("'counts' must be a rectangular 4-D array of finite numbers "
                                  "[step, layer, source, expert]", path) from None
             return cls._build(counts, doc, doc.get("step_ids"), doc.get("layer_ids"), path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except FileNotFoundError:
-            raise InputError("no such trace file", path) from None
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise InputError(f"not a readable .npz trace: {exc}", path) from None
+        arrays = read_npz(path, "trace")
         for key in ("counts", "meta"):
             if key not in arrays:
                 raise InputError(f"missing array {key!r} in the .npz trace", path)
-        try:
-            doc = json.loads(str(arrays["meta"]))
-        except ValueError:
-            raise InputError("the 'meta' array is not valid JSON", path) from None
-        check_schema(doc, SCHEMA, path, "trace")
+        if arrays["meta"].ndim != 0 or arrays["meta"].dtype.kind != "U":
+            raise InputError("the 'meta' array must be one JSON string", path)
+        doc = check_schema(parse_json(str(arrays["meta"]), path, "trace metadata"), SCHEMA, path, "trace")
         return cls._build(arrays["counts"], doc, arrays.get("step_ids"), arrays.get("layer_ids"), path)
 
     @classmethod
@@ -149,6 +140,10 @@ def _check_counts(counts, path) -> np.ndarray:
         where = tuple(int(i) for i in np.argwhere(counts < 0)[0])
         raise InputError(f"counts must be non-negative; first negative at [step, layer, source, expert]={where}",
                          path)
+    if (counts > MAX_COUNT).any():  # before the int64 cast, which would wrap uint64 giants to negatives
+        where = tuple(int(i) for i in np.argwhere(counts > MAX_COUNT)[0])
+        raise InputError(f"counts must be at most {MAX_COUNT} tokens; first larger at [step, layer, source, "
+                         f"expert]={where}", path)
     return counts.astype(np.int64)
 
 
@@ -156,9 +151,15 @@ def _ids(ids, n: int, name: str, path) -> np.ndarray:
     if ids is None:
         return np.arange(n, dtype=np.int64)
     try:
-        ids = np.asarray(ids, dtype=np.int64)
-    except (ValueError, TypeError):
-        raise InputError(f"{name} must be integers", path) from None
+        raw = np.asarray(ids)
+        if raw.dtype.kind not in "iu" and not (raw.dtype.kind == "f" and np.isfinite(raw).all()
+                                                and (raw == np.round(raw)).all()):
+            raise ValueError
+        if raw.size and (np.abs(raw.astype(np.float64)) > 2**53).any():
+            raise ValueError
+        ids = raw.astype(np.int64)
+    except (ValueError, TypeError, OverflowError):
+        raise InputError(f"{name} must be integers of at most 2**53", path) from None
     if ids.shape != (n,):
         raise InputError(f"{name} has shape {ids.shape}, expected ({n},) to match counts", path)
     return ids

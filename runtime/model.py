@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cost_models.files import InputError
+from cost_models.files import InputError, finite_number, whole_number
 from runtime.data import VOCAB
 from runtime.dispatch import moe_apply
 
@@ -34,14 +34,13 @@ class ModelConfig:
 
     def check(self) -> "ModelConfig":
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "num_experts", "top_k", "seq_len"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+            whole_number(getattr(self, name), name, None, minimum=1, maximum=2**16)
+        finite_number(self.aux_coef, "aux_coef", None, minimum=0.0, maximum=1e6)
+        finite_number(self.router_skew, "router_skew", None, minimum=-1e6, maximum=1e6)
         if self.d_model % self.n_heads:
             raise InputError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.top_k > self.num_experts:
             raise InputError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
-        if self.aux_coef < 0:
-            raise InputError(f"aux_coef must be >= 0, got {self.aux_coef}")
         return self
 
     def to_dict(self) -> dict:

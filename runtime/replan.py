@@ -133,7 +133,8 @@ class Replanner:
     def __init__(self, policy: str, *, rank: int, world: int, num_experts: int, slots: np.ndarray, layers: int,
                  cluster=None, solver: str = "greedy", time_budget: float = 1.0, interval: int = 50,
                  threshold: float = 1.2, seed: int = 0, faults: Faults | None = None,
-                 transfer_timeout: float = 30.0, group=None, log=None, device=None, share_rule=None):
+                 transfer_timeout: float = 30.0, group=None, log=None, device=None, wait: bool = False,
+                 share_rule=None):
         if policy not in POLICIES:
             raise InputError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
         self.policy, self.rank, self.world = policy, rank, world
@@ -144,6 +145,7 @@ class Replanner:
         self.timeout, self.group, self.device = transfer_timeout, group, device
         self.log = log or (lambda msg: None)
         self.share_rule = share_rule  # the trigger judges balance under the shares the dispatch would use
+        self.wait = wait  # reproducible: a plan started after step s always applies at step s + 1
         self.seq = 0
         self.thread: threading.Thread | None = None
         self.result: Plan | None = None
@@ -175,7 +177,7 @@ class Replanner:
             else:
                 from planner.solve import make_plan  # lazy: only the planning thread needs it
                 plan = make_plan(self.cluster, loads, current, solver=self.solver, time_budget=self.budget,
-                                 workers=1, seed=self.seed, interval=self.interval)
+                                 workers=1, seed=self.seed, interval=self.interval, reproducible=self.wait)
             self.result = plan
         except Exception as exc:  # a planner failure must never stop training
             self.error = f"planning failed: {exc}"
@@ -187,15 +189,34 @@ class Replanner:
             self.thread.join(self.budget * self.L + 30.0)
             self.thread = None
 
+    # --- checkpointing: what a resumed run needs to trigger and apply plans as the uninterrupted one
+    def state(self) -> dict:
+        """The trigger's and the planner's state at a step boundary (a running plan is waited for:
+        its result is part of the state)."""
+        self.close()
+        if self.error:
+            self.log(self.error)
+            self.error = None
+        return {"last_trigger": self.last_trigger, "seq": self.seq,
+                "pending": self.result.to_dict() if self.result is not None else None}
+
+    def restore(self, state: dict) -> None:
+        self.last_trigger, self.seq = int(state["last_trigger"]), int(state["seq"])
+        if self.rank == 0:
+            self.result, self.thread = state.get("pending"), None  # the next poll() hands it out
+
     # --- every rank: the per-step broadcast and validation ----------------------------------
     def poll(self, step: int, current: Plan | None = None) -> Pending | None:
         plan = None
         if self.rank == 0:
+            if self.thread is not None and self.wait:
+                self.thread.join()
             if self.thread is not None and not self.thread.is_alive():
                 self.thread = None
                 if self.error:
                     self.log(self.error)
                     self.error = None
+            if self.thread is None:  # a finished plan (or one restored from a checkpoint)
                 plan, self.result = self.result, None
         G, S = len(self.slots), int(self.slots.max())
         buf = encode(plan, self.seq + 1, step, self.L, G, S, self.E)

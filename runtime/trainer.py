@@ -8,7 +8,9 @@ live policy, one small broadcast for the plan.
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from cost_models.cluster import Cluster, ExpertShape
-from cost_models.files import InputError
+from cost_models.files import InputError, check_outputs, finite_number, whole_number
 from cost_models.presets import local_cpu
 from planner.plan import Plan, static_layer
 from planner.step_shares import DISPATCH_MODES, ShareRule
@@ -59,21 +61,30 @@ class TrainConfig:
     resume: str | None = None
     result_out: str | None = None  # rank 0 writes losses, timings and final weights here (tests, benchmarks)
     progress: bool = True
+    summary: bool = False  # rank 0 prints one summary line on stdout at the end (the CLI)
+    reproducible: bool = False  # a plan started after step s applies at step s + 1 (waits for it): exact resume
     transfer_timeout: float = 30.0
     faults: Faults = field(default_factory=Faults)
 
     def check(self, world: int) -> "TrainConfig":
+        """Every number finite and in range (NaN fails, unlike a bare `x <= 0`), before any work."""
         self.model.check()
-        if self.steps < 0 or self.batch < 1:
-            raise InputError("steps must be >= 0 and batch >= 1")
+        whole_number(self.steps, "--steps", None, maximum=10**9)
+        whole_number(self.batch, "--batch", None, minimum=1, maximum=2**20)
+        whole_number(self.seed, "--seed", None, maximum=2**32 - 1)
+        whole_number(self.slots, "--slots", None, maximum=2**16)
+        whole_number(self.interval, "--interval", None, minimum=1, maximum=10**9)
+        whole_number(self.checkpoint_every, "--checkpoint-every", None, maximum=10**9)
+        finite_number(self.lr, "--lr", None, positive=True, maximum=1e3)
+        finite_number(self.time_budget, "--time-budget", None, positive=True, maximum=86400.0)
+        finite_number(self.threshold, "--threshold", None, minimum=1.0, maximum=1e6)
+        finite_number(self.transfer_timeout, "transfer timeout", None, positive=True)
         if self.policy not in POLICIES:
             raise InputError(f"unknown policy {self.policy!r} (known: {', '.join(POLICIES)})")
         if self.dispatch not in DISPATCH_MODES:
             raise InputError(f"unknown dispatch {self.dispatch!r} (known: {', '.join(DISPATCH_MODES)})")
         if self.slots and self.slots * world < self.model.num_experts:
             raise InputError(f"{self.slots} slots x {world} ranks cannot hold {self.model.num_experts} experts")
-        if self.interval < 1 or self.time_budget <= 0 or self.lr <= 0:
-            raise InputError("interval must be >= 1, time budget and lr > 0")
         return self
 
     def slots_per_device(self, world: int) -> int:
@@ -94,23 +105,48 @@ def initial_plan(cfg: TrainConfig, world: int) -> Plan:
                 {"solver": "static"})
 
 
+def load_cluster(cfg: TrainConfig, world: int, slots: int) -> Cluster:
+    """The planner's cluster: `--cluster` (one device per rank), or the local-cpu preset."""
+    if not cfg.cluster:
+        return local_cpu(slots, ExpertShape(cfg.model.d_model, cfg.model.d_ff, "fp32"), world)
+    cluster = Cluster.load(cfg.cluster)
+    if cluster.num_devices != world:
+        raise InputError(f"cluster has {cluster.num_devices} devices, training has {world} ranks", cfg.cluster)
+    return cluster
+
+
+def preflight(cfg: TrainConfig, world: int) -> None:
+    """Everything the workers will read or write, checked in the launching process before any
+    worker starts: numbers, plan, cluster, checkpoint, text, and the output paths."""
+    cfg.check(world)
+    check_outputs({"--trace-out": cfg.trace_out, "--checkpoint": cfg.checkpoint, "result": cfg.result_out},
+                  inputs=[cfg.data, cfg.plan, cfg.cluster])  # --checkpoint may be --resume: replaced whole
+    check_outputs({"--trace-out": cfg.trace_out, "result": cfg.result_out}, inputs=[cfg.resume])
+    m = cfg.model
+    plan = ckpt.load(cfg.resume, m.to_dict(), world)["plan"] if cfg.resume else initial_plan(cfg, world)
+    load_cluster(cfg, world, int(plan.slots.max()))
+    try:
+        Batches(load_corpus(cfg.data), m.seq_len, cfg.batch, world, 0, cfg.seed)
+    except InputError as exc:
+        raise InputError(exc.problem, exc.path or cfg.data or "the standard library's sources") from None
+
+
 def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> dict:
     """Run `cfg.steps` steps on this rank (the process group is already set up when world > 1)."""
     cfg.check(world)
     m = cfg.model
-    log = (lambda msg: print(f"[flexmoe] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    logger = logging.getLogger("flexmoe.train")
+    log = logger.info if rank == 0 else (lambda msg: None)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     model = MoEGPT(m).to(device)
     experts = init_experts(m.n_layers * m.num_experts, m.d_model, m.d_ff,
                            torch.Generator().manual_seed(cfg.seed + 1)).view(m.n_layers, m.num_experts, -1)
     dense_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
     opt = AdamW(cfg.lr, 0.9, 0.99, 1e-8, 0.0)
-    start, moments, adam_t = 0, None, 0
+    start, moments, adam_t, resumed = 0, None, 0, None
     if cfg.resume:
-        doc = ckpt.load(cfg.resume, m.to_dict())
-        plan = doc["plan"]
-        if plan.num_devices != world:
-            raise InputError(f"checkpoint placement is for {plan.num_devices} ranks, not {world}", cfg.resume)
+        doc = ckpt.load(cfg.resume, m.to_dict(), world)
+        plan, resumed = doc["plan"], doc.get("replan")
         model.load_state_dict(doc["dense"])
         dense_opt.load_state_dict(doc["dense_opt"])
         experts, moments = doc["experts"][0], doc["experts"][1:]
@@ -125,10 +161,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
             mm.copy_(moments[0, l, e])
             vv.copy_(moments[1, l, e])
 
-    cluster = Cluster.load(cfg.cluster) if cfg.cluster else local_cpu(
-        int(plan.slots.max()), ExpertShape(m.d_model, m.d_ff, "fp32"), world)
-    if cluster.num_devices != world:
-        raise InputError(f"cluster has {cluster.num_devices} devices, training has {world} ranks", cfg.cluster)
+    cluster = load_cluster(cfg, world, int(plan.slots.max()))
     nodes = cluster.node_of if cluster.num_nodes > 1 else None  # dispatch by the estimator's rule
     share_rule = ShareRule(cluster, cfg.dispatch, warn=log)
 
@@ -144,13 +177,18 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
                               layers=m.n_layers, cluster=cluster, solver=cfg.solver, time_budget=cfg.time_budget,
                               interval=cfg.interval, threshold=cfg.threshold, seed=cfg.seed, faults=cfg.faults,
                               transfer_timeout=cfg.transfer_timeout, group=group, log=log,
-                              device=device, share_rule=ShareRule(cluster, cfg.dispatch))
+                              device=device, wait=cfg.reproducible, share_rule=ShareRule(cluster, cfg.dispatch))
+    if resumed is not None:  # the trigger and the monitor continue as in the uninterrupted run
+        monitor.smoothed = resumed["smoothed"]
+        if replanner:
+            replanner.restore(resumed)
     params = list(model.parameters())
     losses, times, changes, balances, cpu, phases, served = [], [], [], [], [], [], []
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+    every = max(1, (cfg.steps - start) // 10)  # without a bar, ten log lines per run
     tokens_per_step = world * cfg.batch * m.seq_len
     try:
         for step in range(start, cfg.steps):
@@ -217,15 +255,21 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
                                 balance=f"{balances[-1]:.2f}")
+            elif (step + 1 - start) % every == 0 or step + 1 == cfg.steps:
+                log(f"step {step + 1}/{cfg.steps}: loss {mean_loss:.3f}, {tokens_per_step / dt:,.0f} tokens/s, "
+                    f"balance {balances[-1]:.2f}")
             if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                _save(cfg, rank, rt, model, dense_opt, step + 1)
+                try:
+                    _save(cfg, rank, rt, model, dense_opt, step + 1, monitor, replanner)
+                except OSError as exc:  # a full disk: keep training, the previous checkpoint stays
+                    logger.warning("step %d: checkpoint not written (%s); training goes on", step + 1, exc)
     finally:
         if replanner:
             replanner.close()
     if bar is not None:
         bar.close()
     if cfg.checkpoint:
-        _save(cfg, rank, rt, model, dense_opt, max(cfg.steps, start))
+        _save(cfg, rank, rt, model, dense_opt, max(cfg.steps, start), monitor, replanner)
     state = rt.full_state()
     cpu_all = torch.tensor(cpu, dtype=torch.float64, device=device)
     if world > 1:  # every rank's busy time per step: the straggler's is the step time on dedicated cores
@@ -243,6 +287,12 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
               "device_tokens": np.array(served),  # [steps, G] tokens each device computed, all layers
               "experts": state.cpu(), "dense": {k: v.cpu() for k, v in model.state_dict().items()},
               "plan": rt.plan.to_dict(), "tokens_per_step": tokens_per_step}
+    if rank == 0 and cfg.summary and losses:
+        done = sum(times)
+        print(f"trained steps {start + 1}..{start + len(losses)} on {world} ranks: loss {losses[0]:.3f} -> "
+              f"{losses[-1]:.3f}, {tokens_per_step * len(losses) / done:,.0f} tokens/s, balance "
+              f"{np.mean(balances):.2f} mean, {result['stats'].get('committed', 0)} placement changes",
+              flush=True)
     if rank == 0 and cfg.result_out:
         from cost_models.files import atomic_path
         with atomic_path(cfg.result_out) as tmp:
@@ -250,8 +300,12 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
     return result
 
 
-def _save(cfg: TrainConfig, rank: int, rt: ExpertRuntime, model, dense_opt, step: int) -> None:
+def _save(cfg: TrainConfig, rank: int, rt: ExpertRuntime, model, dense_opt, step: int, monitor: Monitor,
+          replanner: Replanner | None) -> None:
     state = rt.full_state()  # collective: every rank takes part
+    replan = replanner.state() if replanner else {"last_trigger": 0, "seq": 0, "pending": None}
+    replan["smoothed"] = None if monitor.smoothed is None else torch.from_numpy(monitor.smoothed.copy())
     if rank == 0:
         ckpt.save(cfg.checkpoint, model_cfg=cfg.model.to_dict(), step=step, adam_t=rt.t,
-                  dense=model.state_dict(), dense_opt=dense_opt.state_dict(), experts=state, plan=rt.plan)
+                  dense=model.state_dict(), dense_opt=dense_opt.state_dict(), experts=state, plan=rt.plan,
+                  replan=replan)

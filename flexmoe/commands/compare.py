@@ -6,11 +6,12 @@ Heavy imports (the solvers, matplotlib) happen inside the command so `flexmoe --
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from cost_models.files import InputError
+from cost_models.files import InputError, check_outputs, finite_number, whole_number
+from flexmoe import console
 
 
 def compare_cmd(
@@ -26,12 +27,13 @@ def compare_cmd(
         interval: Annotated[int, typer.Option(help="re-plan every N trace steps (0: only on --trigger)")] = 5,
         trigger: Annotated[float, typer.Option(help="also re-plan when the last step's balance ratio "
                                                     "exceeds this (0: off)")] = 0.0,
-        predictor: Annotated[str, typer.Option(help="last, mean or ema")] = "last",
+        predictor: Annotated[Literal["last", "mean", "ema"], typer.Option(help="next step's loads: the last "
+                             "step, the mean of --window steps, or an EMA")] = "last",
         window: Annotated[int, typer.Option(help="past steps the predictor sees")] = 5,
         ema: Annotated[float, typer.Option(help="EMA weight of the newest step")] = 0.5,
         time_budget: Annotated[float, typer.Option(help="ILP seconds per layer and re-plan")] = 1.0,
         workers: Annotated[int, typer.Option(help="ILP worker threads")] = 1,
-        seed: int = 0,
+        seed: Annotated[int, typer.Option(help="solver seed")] = 0,
         capacity_factor: Annotated[float, typer.Option(help="capacity policy: each source's tokens per "
                                                             "expert replica, over an even share")] = 1.25,
         slots: Annotated[int, typer.Option(help="expert slots per device (0: the cluster's)")] = 0,
@@ -40,14 +42,25 @@ def compare_cmd(
         stride: Annotated[int, typer.Option(help="training iterations per trace step (0: from the "
                                                  "trace's step ids)")] = 0,
         figures: Annotated[bool, typer.Option("--figures/--no-figures", help="write PNG figures")] = True,
-        progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")] = True,
+        progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars (only on a "
+                                                                               "terminal)")] = True,
 ) -> None:
     """Replay a routing trace under each policy, planning from the past only, and compare estimated
-    step time, speed-up over static, balance, dropped tokens, migration and planner time."""
+    step time (ms), speed-up over static, balance, dropped tokens, migration and planner time.
+    Balance is max/mean tokens per device (1.0 is perfect; the inverse of vLLM's and SGLang's
+    'balancedness'). The report's files are written together or not at all."""
     from cost_models.cluster import Cluster
     from experiments.compare import load_trace, make_policies, run_all, setting_of, text_table, write_report
     from flexmoe.commands.options import parse_layers
 
+    for value, name in ((interval, "--interval"), (window, "--window"), (workers, "--workers"), (seed, "--seed"),
+                        (slots, "--slots"), (steps, "--steps"), (stride, "--stride")):
+        whole_number(value, name, None, minimum=1 if name in ("--window", "--workers") else 0, maximum=2**31 - 1)
+    finite_number(trigger, "--trigger", None, minimum=0.0, maximum=1e6)
+    finite_number(ema, "--ema", None, positive=True, maximum=1.0)
+    finite_number(time_budget, "--time-budget", None, positive=True, maximum=86400.0)
+    finite_number(capacity_factor, "--capacity-factor", None, positive=True, maximum=1e6)
+    check_outputs({"--output": output}, inputs=[cluster, trace], directories=["--output"])
     c = Cluster.load(cluster)
     t = load_trace(trace)
     if slots:
@@ -65,17 +78,19 @@ def compare_cmd(
     pols = make_policies(names, dispatch=dispatch, interval=interval, trigger=trigger or None, predictor=predictor, window=window,
                          ema=ema, time_budget=time_budget, workers=workers, seed=seed,
                          capacity_factor=capacity_factor)
-    results = run_all(t, c, pols, stride=stride or None, progress=progress)
+    results = run_all(t, c, pols, stride=stride or None, progress=console.progress(progress))
     setting = setting_of(trace, cluster, t, c, pols[0], stride or None)
     written = write_report(output, results, setting, figures=figures)
-    typer.echo(f"{setting['trace_desc']}\non {setting['cluster_desc']}")
-    typer.echo(text_table(written["rows"]))
+    console.table(f"{setting['trace_desc']}\non {setting['cluster_desc']}")
+    console.table(text_table(written["rows"]))
     opt = written["optimality"]
     if opt:
-        typer.echo(f"heuristic vs optimal over {opt['replans']} ILP re-plans: greedy at most "
+        console.table(f"heuristic vs optimal over {opt['replans']} ILP re-plans: greedy at most "
                    f"{opt['greedy_over_ilp_max_pct']:.1f}% above the ILP "
                    f"(mean {opt['greedy_over_ilp_mean_pct']:.1f}%), "
                    f"at most {opt['greedy_over_bound_max_pct']:.1f}% above the proven bound; "
                    f"ILP fallbacks {opt['ilp_fallbacks']}")
-    typer.echo("planner time is wall clock, off the critical path: not added to step time")
-    typer.echo(f"wrote {output}/: {', '.join(written['files'])}")
+    console.table("planner time is wall clock, off the critical path: not added to step time\n" + console.BALANCE)
+    best = min(written["rows"], key=lambda r: (r["dropped_pct"] > 0, r["mean_step_ms"]))
+    console.summary(f"wrote {output}/ ({len(written['files'])} files): fastest without dropping tokens: "
+                    f"{best['policy']}, {best['speedup']:.2f}x static")

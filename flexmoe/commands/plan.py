@@ -3,51 +3,72 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
 
 from cost_models.cluster import Cluster
 from cost_models.estimator import estimate, fold_sources
-from cost_models.files import InputError
+from cost_models.files import InputError, atomic_paths, check_outputs, finite_number, whole_number
+from flexmoe import console
 from flexmoe.commands.options import parse_layers, parse_steps
 from planner.eplb_mapping import save_eplb
 from planner.moves import diff, summarize
 from planner.plan import Plan, static_layer
-from planner.solve import OBJECTIVES, PREDICTORS, SOLVERS, make_plan, predict
+from planner.solve import make_plan, predict
 from planner.trace import Trace
 
 
 def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.json")],
          trace: Annotated[Path, typer.Option("-t", "--trace", help="routing trace (.npz or .json)")],
          output: Annotated[Path, typer.Option("-o", "--output", help="plan.json to write")],
-         solver: Annotated[str, typer.Option(help=f"one of: {', '.join(SOLVERS)}")] = "ilp",
-         time_budget: Annotated[float, typer.Option(help="ILP seconds per layer")] = 1.0,
+         solver: Annotated[Literal["ilp", "greedy", "eplb", "shadow", "static", "capacity"],
+                           typer.Option(help="ilp: CP-SAT, warm-started by the heuristics; greedy: the "
+                                             "FlexMoE paper's; the others are baselines")] = "ilp",
+         time_budget: Annotated[float, typer.Option(help="ILP wall-clock seconds per layer")] = 1.0,
          steps: Annotated[str, typer.Option(help="trace step positions A:B to predict from")] = "",
-         predictor: Annotated[str, typer.Option(help=f"one of: {', '.join(PREDICTORS)}")] = "last",
-         window: Annotated[int, typer.Option(help="moving-average window (steps)")] = 8,
-         ema: Annotated[float, typer.Option(help="EMA weight of the newest step")] = 0.5,
+         predictor: Annotated[Literal["last", "mean", "ema"],
+                              typer.Option(help="next step's loads: the last step, the mean of --window "
+                                                "steps, or an EMA with weight --ema")] = "last",
+         window: Annotated[int, typer.Option(help="moving-average window (trace steps)")] = 8,
+         ema: Annotated[float, typer.Option(help="EMA weight of the newest step, in (0, 1]")] = 0.5,
          current: Annotated[Path | None, typer.Option(help="plan in force; migration is counted against it")] = None,
          layers: Annotated[str, typer.Option(help="comma-separated layer positions (default: all)")] = "",
-         interval: Annotated[int, typer.Option(help="steps until the next re-plan (amortises migration)")] = 50,
-         workers: int = 1, seed: int = 0,
-         objective: Annotated[str, typer.Option(help="time: minimise the estimated step (compute, all-to-all, "
-                                                     "sync, migration); balance: the compute makespan alone")]
+         interval: Annotated[int, typer.Option(help="training steps until the next re-plan (amortises "
+                                                    "migration)")] = 50,
+         workers: Annotated[int, typer.Option(help="ILP worker threads")] = 1,
+         seed: Annotated[int, typer.Option(help="solver seed")] = 0,
+         slots: Annotated[int, typer.Option(help="expert slots per device (0: the cluster file's)")] = 0,
+         objective: Annotated[Literal["time", "balance"],
+                              typer.Option(help="time: minimise the estimated step (compute, all-to-all, "
+                                                "sync, migration); balance: the compute makespan alone")]
          = "time",
          eplb_out: Annotated[Path | None, typer.Option(help="also write DeepSeek EPLB's mapping tensors "
                                                              "(phy2log, log2phy, logcnt) to this .npz")] = None,
          sglang_out: Annotated[Path | None, typer.Option(help="also write SGLang's --init-expert-location "
                                                                "(physical_to_logical_map) to this .pt or .json")]
          = None) -> None:
-    """Plan a placement and print balance, estimated step time, bound, gap and migration."""
+    """Plan a placement and print balance, estimated step time (ms), bound, gap and migration.
+    Balance is max/mean tokens per device (1.0 is perfect; the inverse of vLLM's and SGLang's
+    'balancedness'). The plan, --eplb-out and --sglang-out are written together or not at all."""
+    finite_number(time_budget, "--time-budget", None, positive=True, maximum=86400.0)
+    finite_number(ema, "--ema", None, positive=True, maximum=1.0)
+    whole_number(window, "--window", None, minimum=1, maximum=10**9)
+    whole_number(interval, "--interval", None, minimum=1, maximum=10**9)
+    whole_number(workers, "--workers", None, minimum=1, maximum=256)
+    whole_number(seed, "--seed", None, maximum=2**31 - 1)
+    whole_number(slots, "--slots", None, maximum=2**16)
+    check_outputs({"--output": output, "--eplb-out": eplb_out, "--sglang-out": sglang_out},
+                  inputs=[cluster, trace, current])
     c = Cluster.load(cluster)
+    if slots:
+        c = c.with_slots(slots)
     t = Trace.load(trace)
     sel = t.select(parse_steps(steps, t.num_steps), parse_layers(layers, t.num_layers))
-    if solver not in SOLVERS:
-        raise InputError(f"unknown --solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if not time_budget > 0:
-        raise InputError(f"--time-budget must be positive, got {time_budget}")
+    c.check_fits(sel.num_experts, cluster)
+    if eplb_out is not None and len(set(c.slots.tolist())) != 1:
+        raise InputError("--eplb-out needs the same slot count on every device", cluster)
     loads = predict(sel.counts, predictor, window, ema)
     cur = Plan.load(current) if current is not None else None
     if cur is not None:
@@ -57,40 +78,52 @@ def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.
             raise InputError(f"the current plan has {cur.num_experts} experts, the trace {sel.num_experts}", current)
         if len(cur.layers) != sel.num_layers:
             raise InputError(f"the current plan has {len(cur.layers)} layers, {sel.num_layers} are planned", current)
-    if objective not in OBJECTIVES:
-        raise InputError(f"unknown --objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     new = make_plan(c, loads, cur, solver=solver, time_budget=time_budget, workers=workers, seed=seed,
                     interval=interval, layer_ids=sel.layer_ids, objective=objective)
     new.info.update(trace=str(trace), steps=steps or ":", predictor=predictor, cluster=c.name)
     before = cur or Plan(sel.num_experts, c.slots, [static_layer(sel.num_experts, c.slots, int(i))
                                                     for i in sel.layer_ids])
     moves = summarize(diff(before, new, c))
+    sglang_lines = []
     if sglang_out is not None:  # checked before anything is written
         from experiments.sglang import save_expert_location, sglang_export
         phy2log, sglang_lines = sglang_export(c, loads, new, sglang_out)
-    new.save(output)
-    if eplb_out is not None:
-        save_eplb(new, eplb_out)
-    if sglang_out is not None:
-        save_expert_location(phy2log, sglang_out)
+    outs = [output] + [p for p in (eplb_out, sglang_out) if p is not None]
+    with atomic_paths(*outs) as tmps:  # the plan and its exports appear together or not at all
+        new.save(tmps[0])
+        rest = iter(tmps[1:])
+        if eplb_out is not None:
+            save_eplb(new, next(rest))
+        if sglang_out is not None:
+            save_expert_location(phy2log, next(rest), sglang_out.suffix)
     _summary(c, loads, before, new, moves, "current plan" if cur is not None else "static EP")
-    if sglang_out is not None:
+    if sglang_lines:
         typer.echo("\n".join(sglang_lines))
+    step0 = sum(_estimate(c, loads[i], old).step_time for i, old in enumerate(before.layers))
+    step1 = sum(lp.info["step_time_s"] for lp in new.layers)
+    console.summary(f"wrote {', '.join(map(str, outs))}: {len(new.layers)} layers, {solver}, estimated step "
+                    f"{step0 * 1e3:.3f} -> {step1 * 1e3:.3f} ms ({step0 / step1:.2f}x), worst balance "
+                    f"{max(lp.info['balance'] for lp in new.layers):.3f}, {moves['moves']} moves")
+
+
+def _estimate(c: Cluster, load, lp):
+    return estimate(c, fold_sources(load, c.num_devices), lp.replicas(), lp.shares(), lp.owner)
 
 
 def _summary(c: Cluster, loads, before: Plan, new: Plan, moves: dict, what: str) -> None:
-    typer.echo(f"{'layer':>5} {'balance':>15} {'step ms (' + what + ' -> plan)':>32} {'LB ms':>7} "
-               f"{'bound ms':>9} {'gap':>7} {'status':>10}")
+    lines = [f"{'layer':>5} {'balance':>15} {'step ms (' + what + ' -> plan)':>32} {'LB ms':>7} "
+             f"{'bound ms':>9} {'gap':>7} {'status':>10}"]
     for i, (old, lp) in enumerate(zip(before.layers, new.layers)):
-        counts = fold_sources(loads[i], c.num_devices)
-        e0 = estimate(c, counts, old.replicas(), old.shares(), old.owner)
+        e0 = _estimate(c, loads[i], old)
         info = lp.info
         fb = " fallback" if info.get("fallback") else ""
-        typer.echo(f"{lp.layer_id:>5} {e0.balance:>6.3f} -> {info['balance']:<6.3f} "
-                   f"{e0.step_time * 1e3:>14.3f} -> {info['step_time_s'] * 1e3:<13.3f} "
-                   f"{info['lower_bound'] * 1e3:>7.3f} {info.get('proven_bound_s', info['lower_bound']) * 1e3:>9.3f} "
-                   f"{info['gap'] * 100:>6.1f}% {info.get('status', '')}{fb}")
+        lines.append(f"{lp.layer_id:>5} {e0.balance:>6.3f} -> {info['balance']:<6.3f} "
+                     f"{e0.step_time * 1e3:>14.3f} -> {info['step_time_s'] * 1e3:<13.3f} "
+                     f"{info['lower_bound'] * 1e3:>7.3f} {info.get('proven_bound_s', info['lower_bound']) * 1e3:>9.3f} "
+                     f"{info['gap'] * 100:>6.1f}% {info.get('status', '')}{fb}")
     if any(lp.info.get("objective_kind") == "balance" for lp in new.layers):
-        typer.echo("objective balance: bound and gap are the compute makespan's; step ms is the full estimate")
-    typer.echo(f"moves: {moves['moves']} ({moves['weight_copies']} weight copies, {moves['owner_moves']} owner "
-               f"moves), {moves['bytes'] / 2**20:.1f} MiB")
+        lines.append("objective balance: bound and gap are the compute makespan's; step ms is the full estimate")
+    lines.append(f"moves: {moves['moves']} ({moves['weight_copies']} weight copies, {moves['owner_moves']} owner "
+                 f"moves), {moves['bytes'] / 2**20:.1f} MiB")
+    lines.append(console.BALANCE)
+    console.table("\n".join(lines))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from cost_models.files import InputError
+from cost_models.files import InputError, finite_number, whole_number
+from flexmoe import console
 
 Opt = typer.Option
 
@@ -24,19 +25,28 @@ def train_cmd(
     d_ff: Annotated[int, Opt(help="expert hidden size")] = 256,
     experts: Annotated[int, Opt(help="experts per MoE layer")] = 8,
     top_k: Annotated[int, Opt(help="experts per token")] = 2,
-    aux_coef: Annotated[float, Opt(help="load-balancing auxiliary loss coefficient")] = 0.01,
-    router_skew: Annotated[float, Opt(help="fixed router bias towards low expert ids (benchmarking skew)")] = 0.0,
+    aux_coef: Annotated[float, Opt(help="load-balancing auxiliary loss coefficient (>= 0)")] = 0.01,
+    router_skew: Annotated[float, Opt(help="fixed router bias towards low expert ids, in logits "
+                                           "(benchmarking skew; 0: none)")] = 0.0,
     lr: Annotated[float, Opt(help="AdamW learning rate")] = 3e-3,
     seed: Annotated[int, Opt(help="seed for weights and data")] = 0,
     data: Annotated[Optional[Path], Opt(help="a text file (default: the Python standard library's sources)")] = None,
     slots: Annotated[int, Opt(help="expert slots per rank (0: one spare beyond an even split)")] = 0,
-    policy: Annotated[str, Opt(help="static | dynamic (monitor, trigger, re-plan) | random (tests)")] = "dynamic",
-    dispatch: Annotated[str, Opt(help="token shares per step: adaptive (re-solved from each step's counts by "
-                                      "a min-max LP) | plan (the plan's own shares)")] = "adaptive",
-    solver: Annotated[str, Opt(help="planner: greedy | ilp | eplb | ...")] = "greedy",
+    policy: Annotated[Literal["static", "dynamic", "random"],
+                      Opt(help="static: never re-place; dynamic: monitor, trigger, re-plan live; "
+                               "random: random plans (tests)")] = "dynamic",
+    dispatch: Annotated[Literal["adaptive", "plan"],
+                        Opt(help="token shares per step: adaptive (re-solved from each step's counts by a "
+                                 "min-max LP) or plan (the plan's own shares)")] = "adaptive",
+    solver: Annotated[Literal["greedy", "ilp", "eplb", "shadow", "static", "capacity"],
+                      Opt(help="planner used by --policy dynamic")] = "greedy",
     interval: Annotated[int, Opt(help="steps between re-plans (also the amortisation window)")] = 50,
-    threshold: Annotated[float, Opt(help="re-plan early when the balance ratio exceeds this")] = 1.1,
-    time_budget: Annotated[float, Opt(help="solver time budget, seconds")] = 1.0,
+    threshold: Annotated[float, Opt(help="re-plan early when the balance (max/mean tokens per device) "
+                                         "exceeds this")] = 1.1,
+    time_budget: Annotated[float, Opt(help="solver time budget per re-plan, seconds")] = 1.0,
+    reproducible: Annotated[bool, Opt("--reproducible", help="apply each plan at the step after the one "
+                                      "that triggered it, waiting for the planner: runs and resumed runs "
+                                      "repeat exactly")] = False,
     plan: Annotated[Optional[Path], Opt(help="initial plan.json (default: static expert parallelism)")] = None,
     cluster: Annotated[Optional[Path], Opt(help="cluster.json for the planner (default: local-cpu preset)")] = None,
     trace_out: Annotated[Optional[Path], Opt(help="write the routing seen: counts[step, layer, rank, expert]")] = None,
@@ -45,21 +55,22 @@ def train_cmd(
     resume: Annotated[Optional[Path], Opt(help="resume from this checkpoint")] = None,
     threads: Annotated[int, Opt(help="torch threads per rank")] = 1,
     timeout: Annotated[float, Opt(help="give up on the whole run after this many seconds")] = 86400.0,
-    progress: Annotated[bool, Opt(help="progress bar on rank 0")] = True,
+    progress: Annotated[bool, Opt(help="progress bar on rank 0 (only on a terminal; otherwise ten log "
+                                       "lines with loss, tokens/s and balance)")] = True,
 ) -> None:
-    """Train an MoE GPT; experts are re-placed live by the chosen policy."""
+    """Train an MoE GPT; experts are re-placed live by the chosen policy. Balance is max/mean
+    tokens per device (1.0 is perfect; the inverse of vLLM's and SGLang's 'balancedness')."""
     from cost_models.launch import under_torchrun
     from runtime.launch import run_torchrun, spawn
     from runtime.model import ModelConfig
     from runtime.trainer import TrainConfig
 
-    if world_size < 1:
-        raise InputError(f"--world-size must be >= 1, got {world_size}")
-    if solver not in ("static", "greedy", "ilp", "eplb", "shadow", "capacity"):
-        raise InputError(f"unknown solver {solver!r}")
+    whole_number(world_size, "--world-size", None, minimum=1, maximum=1024)
+    whole_number(threads, "--threads", None, minimum=1, maximum=1024)
+    finite_number(timeout, "--timeout", None, positive=True)
     for p, what in ((plan, "plan"), (cluster, "cluster"), (resume, "checkpoint"), (data, "text")):
         if p is not None and not p.is_file():
-            raise InputError(f"no such {what} file", p)
+            raise InputError(f"a directory, not a {what} file" if p.is_dir() else f"no such {what} file", p)
     cfg = TrainConfig(
         ModelConfig(d_model, layers, heads, d_ff, experts, top_k, seq_len, aux_coef, router_skew),
         steps=steps, batch=batch, lr=lr, seed=seed, data=str(data) if data else None, slots=slots, policy=policy,
@@ -67,26 +78,16 @@ def train_cmd(
         solver=solver, interval=interval, threshold=threshold, time_budget=time_budget,
         plan=str(plan) if plan else None, cluster=str(cluster) if cluster else None,
         trace_out=str(trace_out) if trace_out else None, checkpoint=str(checkpoint) if checkpoint else None,
-        checkpoint_every=checkpoint_every, resume=str(resume) if resume else None, progress=progress)
+        checkpoint_every=checkpoint_every, resume=str(resume) if resume else None,
+        progress=console.progress(progress), reproducible=reproducible, summary=True)
     if under_torchrun():
-        cfg.check(1)
+        from runtime.trainer import preflight
+        preflight(cfg, int(os.environ["WORLD_SIZE"]))  # each rank, before joining the group
         run_torchrun(cfg)
         if int(os.environ["RANK"]) != 0:
             return
     else:
-        # Validate here so bad input fails before any process starts.
-        from runtime.trainer import initial_plan
-        cfg.check(world_size)
-        if plan is not None:
-            initial_plan(cfg, world_size)
-        if resume is not None:
-            from runtime import checkpoint as ckpt
-            ckpt.load(resume, cfg.model.to_dict())
-        if data is not None:
-            from runtime.data import load_corpus
-            load_corpus(str(data))
-        spawn(cfg, world_size, threads=threads, timeout=timeout)
-    if trace_out:
-        typer.echo(f"wrote {trace_out}")
-    if checkpoint:
-        typer.echo(f"wrote {checkpoint}")
+        spawn(cfg, world_size, threads=threads, timeout=timeout)  # checks every input first (preflight)
+    written = [str(p) for p in (trace_out, checkpoint) if p]
+    if written:
+        console.log.info("wrote %s", ", ".join(written))
