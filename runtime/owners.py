@@ -145,7 +145,10 @@ class ExpertRuntime:
                 replay[key] = recv[s][(n + i) * P:(n + i + 1) * P]
         if pending is not None:
             pending.staged, pending.replay = staged, replay
-        return {"grad_floats": sum(len(b) for b in send)}
+        crossing = sum(len(lists[s][h]) for lists in (grads_to, weights_to, replay_to)
+                       for s in range(world) for h in range(world))
+        # floats this rank sent in the weight exchange; floats all ranks sent in both exchanges
+        return {"grad_floats": sum(len(b) for b in send), "moved_floats": crossing * P}
 
     def commit(self, pending) -> None:
         """Switch to the pending plan at a step boundary: slots from local copies or staged weights,

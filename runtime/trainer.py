@@ -9,6 +9,7 @@ live policy, one small broadcast for the plan.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from planner.plan import Plan, static_layer
 from planner.step_shares import DISPATCH_MODES, ShareRule
 from planner.trace import Trace
 from runtime import checkpoint as ckpt
+from runtime import metrics
 from runtime.data import Batches, load_corpus
 from runtime.experts import init_experts
 from runtime.model import ModelConfig, MoEGPT
@@ -58,6 +60,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: str | None = None
     result_out: str | None = None  # rank 0 writes losses, timings and final weights here (tests, benchmarks)
+    metrics_out: str | None = None  # rank 0 writes per-step metrics here (runtime.metrics): JSON lines or .csv
     progress: bool = True
     transfer_timeout: float = 30.0
     faults: Faults = field(default_factory=Faults)
@@ -74,6 +77,8 @@ class TrainConfig:
             raise InputError(f"{self.slots} slots x {world} ranks cannot hold {self.model.num_experts} experts")
         if self.interval < 1 or self.time_budget <= 0 or self.lr <= 0:
             raise InputError("interval must be >= 1, time budget and lr > 0")
+        if self.metrics_out is not None:
+            metrics.check_path(self.metrics_out)
         return self
 
     def slots_per_device(self, world: int) -> int:
@@ -147,6 +152,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
                               device=device, share_rule=ShareRule(cluster, cfg.dispatch))
     params = list(model.parameters())
     losses, times, changes, balances, cpu, phases, served = [], [], [], [], [], [], []
+    moved = []  # per step (sync, migration) bytes, all ranks together: for --metrics-out
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -186,7 +192,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
                 if failures:
                     replanner.stats["failed"] += 1
                     pending = None
-            rt.step(pending)
+            sync = rt.step(pending)["moved_floats"] * metrics.FLOAT_BYTES
             mark.append(time.thread_time())
             dense_opt.step()
             dense_opt.zero_grad(set_to_none=True)
@@ -194,6 +200,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
             if pending is not None:
                 assert pending.commit_step == step, "a plan commits at the end of the step that announced it"
                 c1 = time.thread_time()
+                migration = metrics.migration_floats(rt.plan, pending.plan, rt.params) * metrics.FLOAT_BYTES
                 rt.commit(pending)
                 bind()
                 replanner.stats["switch_s"] += time.thread_time() - c1
@@ -210,6 +217,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
             losses.append(mean_loss)
             times.append(dt)
             changes.append(pending is not None)
+            moved.append((sync, migration if pending is not None else 0))
             tokens = device_tokens(counts, [layer.last_share for layer in model.moe_layers])
             served.append(tokens.sum(axis=0))
             balances.append(worst_balance(tokens))
@@ -243,6 +251,11 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
               "device_tokens": np.array(served),  # [steps, G] tokens each device computed, all layers
               "experts": state.cpu(), "dense": {k: v.cpu() for k, v in model.state_dict().items()},
               "plan": rt.plan.to_dict(), "tokens_per_step": tokens_per_step}
+    if rank == 0 and cfg.metrics_out:
+        table = metrics.rows(result, moved)
+        metrics.write(cfg.metrics_out, table)
+        if not sys.stdout.isatty():
+            print(metrics.summary(table), flush=True)
     if rank == 0 and cfg.result_out:
         from cost_models.files import atomic_path
         with atomic_path(cfg.result_out) as tmp:

@@ -46,6 +46,8 @@ def train_cmd(
     threads: Annotated[int, Opt(help="torch threads per rank")] = 1,
     timeout: Annotated[float, Opt(help="give up on the whole run after this many seconds")] = 86400.0,
     progress: Annotated[bool, Opt(help="progress bar on rank 0")] = True,
+    metrics_out: Annotated[Optional[Path], Opt(help="per-step metrics (loss, tokens/s, balance, re-plans, bytes "
+                                                   "moved, time per phase): JSON lines, or CSV for a .csv name")] = None,
 ) -> None:
     """Train an MoE GPT; experts are re-placed live by the chosen policy."""
     from cost_models.launch import under_torchrun
@@ -67,7 +69,8 @@ def train_cmd(
         solver=solver, interval=interval, threshold=threshold, time_budget=time_budget,
         plan=str(plan) if plan else None, cluster=str(cluster) if cluster else None,
         trace_out=str(trace_out) if trace_out else None, checkpoint=str(checkpoint) if checkpoint else None,
-        checkpoint_every=checkpoint_every, resume=str(resume) if resume else None, progress=progress)
+        checkpoint_every=checkpoint_every, resume=str(resume) if resume else None, progress=progress,
+        metrics_out=str(metrics_out) if metrics_out else None)
     if under_torchrun():
         cfg.check(1)
         run_torchrun(cfg)
@@ -90,3 +93,5 @@ def train_cmd(
         typer.echo(f"wrote {trace_out}")
     if checkpoint:
         typer.echo(f"wrote {checkpoint}")
+    if metrics_out:
+        typer.echo(f"wrote {metrics_out}")
