@@ -30,11 +30,13 @@ def _run(tmp, name, suffix, **kw):
     return torch.load(res, weights_only=False), out
 
 
-def test_static_run_rows_match_the_result_and_the_sync_volume(tmp_path):
+def test_static_run_rows_match_the_result_and_the_sync_volume(tmp_path, capfd):
     from runtime.replan import random_plan
     start = tmp_path / "plan.json"
     random_plan(4, np.array([3, 3]), 2, np.random.default_rng(0)).save(start)  # spare slots hold replicas
     r, out = _run(tmp_path, "static", ".csv", policy="static", plan=str(start))
+    printed = [line for line in capfd.readouterr().out.splitlines() if "re-plans committed" in line]
+    assert len(printed) == 1 and printed[0].startswith("[flexmoe] 6 steps")  # stdout is not a terminal here
     rows = list(csv.DictReader(out.open()))
     assert [int(x["step"]) for x in rows] == list(range(6))
     np.testing.assert_allclose([float(x["loss"]) for x in rows], r["losses"], rtol=1e-6)
