@@ -1,10 +1,19 @@
 """FlexMoE: dynamic expert placement for Mixture-of-Experts training.
 
-This package holds the `flexmoe` command's thin glue and `rebalance_experts` (an EPLB-compatible
-entry point); the work lives in `cost_models`, `planner`, `runtime` and `experiments`.
+This package holds the `flexmoe` command's thin glue, `rebalance_experts` (an EPLB-compatible
+entry point) and, imported on first use, the public layer `FlexMoE` and its `FlexMoERuntime`
+(`runtime.layer`); the work lives in `cost_models`, `planner`, `runtime` and `experiments`.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`flexmoe.FlexMoE` and `flexmoe.FlexMoERuntime`, loaded on first use: `import flexmoe` stays cheap."""
+    if name in ("FlexMoE", "FlexMoERuntime"):
+        from runtime import layer
+        return getattr(layer, name)
+    raise AttributeError(f"module 'flexmoe' has no attribute {name!r}")
 
 
 def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):

@@ -1,7 +1,11 @@
 """Expert slots: a rank's replicas of one layer's experts as stacked tensors.
 
 Re-placement is a copy into a slot, never a new module, so the training loop keeps its shape.
-An expert travels (gradient, weights, optimizer moments) as one flat vector of `params` numbers:
+Any expert module works: `ExpertSlots` keeps one stacked tensor `[slots, *shape]` per parameter
+of a template module and runs a slot with `torch.func.functional_call`, so autograd reaches the
+stacked tensors. An expert travels (gradient, weights, optimizer moments) as one flat vector of
+`params` numbers: its parameters flattened in `named_parameters()` order (the order of
+`torch.nn.utils.parameters_to_vector`). The GPT of `flexmoe train` uses `GeluFFN`, whose vector is
 [w1 (d*f), b1 (f), w2 (f*d), b2 (d)].
 """
 
@@ -9,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 
 def expert_params(d: int, f: int) -> int:
@@ -25,21 +31,45 @@ def init_experts(num_experts: int, d: int, f: int, generator: torch.Generator) -
     return flat
 
 
-class SlotStore:
-    """One layer's slots on this rank. `experts[j]` is the expert in slot j (EMPTY if unused)."""
+class GeluFFN(nn.Module):
+    """The GPT's expert: GELU(x w1 + b1) w2 + b2 (weights given by `init_experts`)."""
 
-    def __init__(self, d: int, f: int, experts: np.ndarray, device=None):
-        self.d, self.f = d, f
-        self.params = expert_params(d, f)
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.zeros(d, f))
+        self.b1 = nn.Parameter(torch.zeros(f))
+        self.w2 = nn.Parameter(torch.zeros(f, d))
+        self.b2 = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return F.gelu(x @ self.w1 + self.b1) @ self.w2 + self.b2
+
+
+def flat_params(module: nn.Module) -> torch.Tensor:
+    """One expert's parameters as the flat vector slots, owners and checkpoints use."""
+    return torch.nn.utils.parameters_to_vector([p.detach() for p in module.parameters()])
+
+
+class ExpertSlots:
+    """One layer's slots on this rank. `experts[j]` is the expert in slot j (EMPTY if unused).
+
+    `template` is one expert module; its own parameter values are never used (each slot's come
+    from the stacked tensors), its buffers are."""
+
+    def __init__(self, template: nn.Module, experts: np.ndarray, device=None):
+        self.template = template.to(device) if device is not None else template
+        named = list(self.template.named_parameters())
+        if not named:
+            raise ValueError("an expert module needs at least one parameter")
+        self.names = [n for n, _ in named]
         self.experts = np.asarray(experts, dtype=np.int64)
         n = len(self.experts)
-        self.w1 = torch.zeros(n, d, f, device=device).requires_grad_()
-        self.b1 = torch.zeros(n, f, device=device).requires_grad_()
-        self.w2 = torch.zeros(n, f, d, device=device).requires_grad_()
-        self.b2 = torch.zeros(n, d, device=device).requires_grad_()
+        self.stacked = [torch.zeros((n,) + tuple(p.shape), dtype=p.dtype, device=device).requires_grad_()
+                        for _, p in named]
+        self.params = sum(p.numel() for _, p in named)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.w1, self.b1, self.w2, self.b2]
+        return self.stacked
 
     def slot_of(self, expert: int) -> int:
         hit = np.flatnonzero(self.experts == expert)
@@ -65,5 +95,14 @@ class SlotStore:
             t.grad = None
 
     def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        """The expert FFN (GELU) in one slot; autograd reaches the stacked weights."""
-        return F.gelu(x @ self.w1[slot] + self.b1[slot]) @ self.w2[slot] + self.b2[slot]
+        """The expert in one slot on tokens `x`; autograd reaches the stacked weights."""
+        return functional_call(self.template, {n: t[slot] for n, t in zip(self.names, self.stacked)}, (x,))
+
+
+class SlotStore(ExpertSlots):
+    """Slots of `GeluFFN(d, f)` experts, with the stacked weights by name (`w1`, `b1`, `w2`, `b2`)."""
+
+    def __init__(self, d: int, f: int, experts: np.ndarray, device=None):
+        super().__init__(GeluFFN(d, f), experts, device)
+        self.d, self.f = d, f
+        self.w1, self.b1, self.w2, self.b2 = self.stacked

@@ -1,9 +1,10 @@
 """A small GPT whose feed-forward blocks are dropless top-k MoE layers.
 
 Dense parameters (embeddings, attention, norms, routers) are ordinary module parameters and are
-trained as in data parallelism. Experts are not module parameters: they live in slots
-(`runtime.experts.SlotStore`) bound to each MoE layer by the trainer, so where an expert runs is
-the placement's business and never changes what the layer computes.
+trained as in data parallelism. Experts are not module parameters: each MoE layer's experts are a
+`runtime.layer.FlexMoE` (the public layer any model can use), whose slots the trainer's
+`FlexMoERuntime` binds, so where an expert runs is the placement's business and never changes
+what the layer computes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 from cost_models.files import InputError, finite_number, whole_number
 from runtime.data import VOCAB
-from runtime.dispatch import moe_apply
+from runtime.experts import GeluFFN
+from runtime.layer import FlexMoE
 
 
 @dataclass
@@ -62,7 +64,8 @@ class Attention(nn.Module):
 
 
 class MoELayer(nn.Module):
-    """Router plus experts in slots. `bind` attaches this rank's slots and the layer's shares."""
+    """Router plus experts: a user of the public layer (`runtime.layer.FlexMoE`), which holds the
+    experts in slots and dispatches; `runtime.layer.FlexMoERuntime` attaches and places them."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -70,18 +73,15 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         skew = cfg.router_skew * torch.linspace(1.0, -1.0, cfg.num_experts)
         self.register_buffer("router_bias", skew, persistent=False)
-        self.store = None
-        self.x = self.share = None  # replicas [E, G] in place and the plan's shares
-        self.share_rule = None  # per-step shares (planner.step_shares.ShareRule); None: the plan's
-        self.rank, self.world, self.group = 0, 1, None
-        self.nodes: np.ndarray | None = None  # node of each rank, for node-first dispatch (None: one node)
-        self.last_counts: np.ndarray | None = None  # [sources, experts] of the last forward
-        self.last_share: np.ndarray | None = None  # [experts, devices] shares it dispatched with
+        self.experts = FlexMoE(cfg.num_experts, cfg.d_model, GeluFFN(cfg.d_model, cfg.d_ff))
 
-    def bind(self, store, x: np.ndarray, share: np.ndarray, rank: int, world: int, group=None,
-             nodes: np.ndarray | None = None, share_rule=None) -> None:
-        self.store, self.x, self.share, self.rank, self.world, self.group = store, x, share, rank, world, group
-        self.nodes, self.share_rule = nodes, share_rule
+    @property
+    def last_counts(self) -> np.ndarray | None:
+        return self.experts.last_counts
+
+    @property
+    def last_share(self) -> np.ndarray | None:
+        return self.experts.last_share
 
     def forward(self, x):
         b, t, d = x.shape
@@ -93,10 +93,7 @@ class MoELayer(nn.Module):
         e = self.cfg.num_experts
         frac = torch.bincount(idx.reshape(-1), minlength=e).to(probs.dtype) / idx.numel()
         aux = e * (frac * probs.mean(dim=0)).sum()
-        out, counts, self.last_share = moe_apply(h, idx, gate, self.store, self.x, self.share, self.rank, self.world, self.group,
-                                self.nodes, self.share_rule)
-        self.last_counts = counts
-        return out.view(b, t, d), aux
+        return self.experts(h, idx, gate).view(b, t, d), aux
 
 
 class Block(nn.Module):

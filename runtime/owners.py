@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from planner.plan import Plan
-from runtime.experts import SlotStore
+from runtime.experts import ExpertSlots
 
 
 @dataclass
@@ -52,20 +52,28 @@ def exchange(send: list[torch.Tensor], sizes_in: list[int], world: int, group=No
 class ExpertRuntime:
     """This rank's expert slots (per layer), its owned experts' moments, and the per-step exchange."""
 
-    def __init__(self, plan: Plan, d: int, f: int, rank: int, world: int, weights: torch.Tensor,
+    def __init__(self, plan: Plan, experts, rank: int, world: int, weights: torch.Tensor,
                  opt: AdamW, group=None, device=None):
-        """`weights[L, E, params]`: every expert's weights (the same on all ranks)."""
-        self.plan, self.d, self.f, self.rank, self.world = plan, d, f, rank, world
+        """`experts`: the expert template module (`nn.Module`), or one per layer, all with the same
+        number of parameters; `weights[L, E, params]`: every expert's weights (the same on all ranks)."""
+        self.plan, self.rank, self.world = plan, rank, world
         self.opt, self.group, self.device = opt, group, device
-        self.stores = [self._store(lp.assign[rank], lambda e, l=l: weights[l, e]) for l, lp in enumerate(plan.layers)]
+        L = len(plan.layers)
+        templates = list(experts) if isinstance(experts, (list, tuple)) else [experts] * L
+        if len(templates) != L:
+            raise ValueError(f"{len(templates)} expert templates for {L} layers")
+        self.stores = [self._store(templates[l], lp.assign[rank], lambda e, l=l: weights[l, e])
+                       for l, lp in enumerate(plan.layers)]
         self.params = self.stores[0].params
+        if any(s.params != self.params for s in self.stores) or weights.shape[-1] != self.params:
+            raise ValueError("every layer's expert needs the same number of parameters as the weights given")
         self.moments: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {
             (l, int(e)): (torch.zeros(self.params, device=device), torch.zeros(self.params, device=device))
             for l, lp in enumerate(plan.layers) for e in np.flatnonzero(lp.owner == rank)}
         self.t = 0  # AdamW steps taken
 
-    def _store(self, experts: np.ndarray, source) -> SlotStore:
-        s = SlotStore(self.d, self.f, experts, self.device)
+    def _store(self, template, experts: np.ndarray, source) -> ExpertSlots:
+        s = ExpertSlots(template, experts, self.device)
         for j, e in enumerate(s.experts):
             if e >= 0:
                 s.load_flat(j, source(int(e)))
@@ -145,7 +153,10 @@ class ExpertRuntime:
                 replay[key] = recv[s][(n + i) * P:(n + i + 1) * P]
         if pending is not None:
             pending.staged, pending.replay = staged, replay
-        return {"grad_floats": sum(len(b) for b in send)}
+        crossing = sum(len(lists[s][h]) for lists in (grads_to, weights_to, replay_to)
+                       for s in range(world) for h in range(world))
+        # floats this rank sent in the weight exchange; floats all ranks sent in both exchanges
+        return {"grad_floats": sum(len(b) for b in send), "moved_floats": crossing * P}
 
     def commit(self, pending) -> None:
         """Switch to the pending plan at a step boundary: slots from local copies or staged weights,

@@ -22,14 +22,16 @@ from cost_models.cluster import Cluster, ExpertShape
 from cost_models.files import InputError, check_outputs, finite_number, whole_number
 from cost_models.presets import local_cpu
 from planner.plan import Plan, static_layer
-from planner.step_shares import DISPATCH_MODES, ShareRule
+from planner.step_shares import DISPATCH_MODES
 from planner.trace import Trace
 from runtime import checkpoint as ckpt
+from runtime import metrics
 from runtime.data import Batches, load_corpus
 from runtime.experts import init_experts
+from runtime.layer import FlexMoERuntime
 from runtime.model import ModelConfig, MoEGPT
 from runtime.monitor import Monitor, device_tokens, worst_balance
-from runtime.owners import AdamW, ExpertRuntime
+from runtime.owners import ExpertRuntime
 from runtime.replan import POLICIES, Faults, Replanner
 
 
@@ -60,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: str | None = None
     result_out: str | None = None  # rank 0 writes losses, timings and final weights here (tests, benchmarks)
+    metrics_out: str | None = None  # rank 0 writes per-step metrics here (runtime.metrics): JSON lines or .csv
     progress: bool = True
     summary: bool = False  # rank 0 prints one summary line on stdout at the end (the CLI)
     reproducible: bool = False  # a plan started after step s applies at step s + 1 (waits for it): exact resume
@@ -85,6 +88,8 @@ class TrainConfig:
             raise InputError(f"unknown dispatch {self.dispatch!r} (known: {', '.join(DISPATCH_MODES)})")
         if self.slots and self.slots * world < self.model.num_experts:
             raise InputError(f"{self.slots} slots x {world} ranks cannot hold {self.model.num_experts} experts")
+        if self.metrics_out is not None:
+            metrics.check_path(self.metrics_out)
         return self
 
     def slots_per_device(self, world: int) -> int:
@@ -119,9 +124,11 @@ def preflight(cfg: TrainConfig, world: int) -> None:
     """Everything the workers will read or write, checked in the launching process before any
     worker starts: numbers, plan, cluster, checkpoint, text, and the output paths."""
     cfg.check(world)
-    check_outputs({"--trace-out": cfg.trace_out, "--checkpoint": cfg.checkpoint, "result": cfg.result_out},
+    check_outputs({"--trace-out": cfg.trace_out, "--checkpoint": cfg.checkpoint, "--metrics-out": cfg.metrics_out,
+                   "result": cfg.result_out},
                   inputs=[cfg.data, cfg.plan, cfg.cluster])  # --checkpoint may be --resume: replaced whole
-    check_outputs({"--trace-out": cfg.trace_out, "result": cfg.result_out}, inputs=[cfg.resume])
+    check_outputs({"--trace-out": cfg.trace_out, "--metrics-out": cfg.metrics_out, "result": cfg.result_out},
+                  inputs=[cfg.resume])
     m = cfg.model
     plan = ckpt.load(cfg.resume, m.to_dict(), world)["plan"] if cfg.resume else initial_plan(cfg, world)
     load_cluster(cfg, world, int(plan.slots.max()))
@@ -142,48 +149,33 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
     experts = init_experts(m.n_layers * m.num_experts, m.d_model, m.d_ff,
                            torch.Generator().manual_seed(cfg.seed + 1)).view(m.n_layers, m.num_experts, -1)
     dense_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
-    opt = AdamW(cfg.lr, 0.9, 0.99, 1e-8, 0.0)
-    start, moments, adam_t, resumed = 0, None, 0, None
+    start, state, resumed = 0, None, None
     if cfg.resume:
         doc = ckpt.load(cfg.resume, m.to_dict(), world)
         plan, resumed = doc["plan"], doc.get("replan")
         model.load_state_dict(doc["dense"])
         dense_opt.load_state_dict(doc["dense_opt"])
-        experts, moments = doc["experts"][0], doc["experts"][1:]
-        start, adam_t = doc["step"], doc["adam_t"]
+        state, start = doc, doc["step"]  # experts' weights and moments, placement, step, AdamW steps
         torch.set_rng_state(doc["rng"])
     else:
         plan = initial_plan(cfg, world)
-    rt = ExpertRuntime(plan, m.d_model, m.d_ff, rank, world, experts.to(device), opt, group, device)
-    if moments is not None:
-        rt.t = adam_t
-        for (l, e), (mm, vv) in rt.moments.items():
-            mm.copy_(moments[0, l, e])
-            vv.copy_(moments[1, l, e])
-
     cluster = load_cluster(cfg, world, int(plan.slots.max()))
-    nodes = cluster.node_of if cluster.num_nodes > 1 else None  # dispatch by the estimator's rule
-    share_rule = ShareRule(cluster, cfg.dispatch, warn=log)
-
-    def bind():
-        for l, layer in enumerate(model.moe_layers):
-            layer.bind(rt.stores[l], rt.replicas(l), rt.share(l), rank, world, group, nodes, share_rule)
-    bind()
-    data = Batches(load_corpus(cfg.data), m.seq_len, cfg.batch, world, rank, cfg.seed)
-    monitor = Monitor(record=bool(cfg.trace_out) and rank == 0)
-    replanner = None
-    if cfg.policy != "static":
-        replanner = Replanner(cfg.policy, rank=rank, world=world, num_experts=m.num_experts, slots=plan.slots,
-                              layers=m.n_layers, cluster=cluster, solver=cfg.solver, time_budget=cfg.time_budget,
-                              interval=cfg.interval, threshold=cfg.threshold, seed=cfg.seed, faults=cfg.faults,
-                              transfer_timeout=cfg.transfer_timeout, group=group, log=log,
-                              device=device, wait=cfg.reproducible, share_rule=ShareRule(cluster, cfg.dispatch))
+    # The experts: the public layer's runtime, as any model would use it (runtime.layer).
+    fx = FlexMoERuntime(model, rank=rank, world=world, group=group, device=device, lr=cfg.lr, betas=(0.9, 0.99),
+                        eps=1e-8, weight_decay=0.0, plan=plan, cluster=cluster, policy=cfg.policy,
+                        dispatch=cfg.dispatch, solver=cfg.solver, interval=cfg.interval, threshold=cfg.threshold,
+                        time_budget=cfg.time_budget, seed=cfg.seed, faults=cfg.faults,
+                        transfer_timeout=cfg.transfer_timeout, weights=experts, state=state,
+                        record=bool(cfg.trace_out), log=log, wait=cfg.reproducible)
+    rt, monitor, replanner, share_rule = fx.rt, fx.monitor, fx.replanner, fx.share_rule
     if resumed is not None:  # the trigger and the monitor continue as in the uninterrupted run
         monitor.smoothed = resumed["smoothed"]
         if replanner:
             replanner.restore(resumed)
+    data = Batches(load_corpus(cfg.data), m.seq_len, cfg.batch, world, rank, cfg.seed)
     params = list(model.parameters())
     losses, times, changes, balances, cpu, phases, served = [], [], [], [], [], [], []
+    moved = []  # per step (sync, migration) bytes, all ranks together: for --metrics-out
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -193,61 +185,32 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
     try:
         for step in range(start, cfg.steps):
             t0, c0 = time.perf_counter(), time.thread_time()
-            pending = replanner.poll(step, rt.plan) if replanner else None
-            if pending is not None:
-                replanner.start_transfers(pending, rt)
-                replanner.stats["switch_s"] += time.thread_time() - c0
+            fx.begin_step()
             mark = [time.thread_time()]
             x, y = data.get(step)
             loss, _ = model(x.to(device), y.to(device))
             mark.append(time.thread_time())
             loss.backward()
             mark.append(time.thread_time())
-            c1 = time.thread_time()
-            ok = replanner.finish_transfers(pending, rt.params) if pending is not None else True
-            if pending is not None:
-                replanner.stats["switch_s"] += time.thread_time() - c1
-            vote = torch.tensor([0.0 if ok else 1.0], device=loss.device)  # failed transfers, summed
-            flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
-                              for p in params] + [loss.detach().reshape(1), vote])
-            if world > 1:
-                dist.all_reduce(flat, group=group)
-            o = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[o:o + n].view_as(p) / world
-                o += n
-            mean_loss, failures = float(flat[o]) / world, float(flat[o + 1])
+            mean_loss = fx.sync(loss, params)  # dense gradients, loss and the transfer vote: one all-reduce
             mark.append(time.thread_time())
-            if pending is not None:
-                replanner.release_late(pending)
-                if failures:
-                    replanner.stats["failed"] += 1
-                    pending = None
-            rt.step(pending)
+            sync = fx.expert_step() * metrics.FLOAT_BYTES
             mark.append(time.thread_time())
             dense_opt.step()
             dense_opt.zero_grad(set_to_none=True)
-            rt.zero_grad()
-            if pending is not None:
-                assert pending.commit_step == step, "a plan commits at the end of the step that announced it"
-                c1 = time.thread_time()
-                rt.commit(pending)
-                bind()
-                replanner.stats["switch_s"] += time.thread_time() - c1
-                replanner.stats["committed"] += 1
+            migration = 0 if fx.pending is None else \
+                metrics.migration_floats(rt.plan, fx.pending.plan, rt.params) * metrics.FLOAT_BYTES
+            changed = fx.commit()
             mark.append(time.thread_time())
-            counts = np.stack([layer.last_counts for layer in model.moe_layers])  # [L, G, E]
-            monitor.update(step, counts)
-            if replanner:
-                replanner.after_step(step, monitor.smoothed, rt.plan)
+            counts = fx.observe()  # [L, G, E]
             dt = time.perf_counter() - t0
             cpu.append(time.thread_time() - c0)
             mark.append(time.thread_time())
             phases.append(np.diff([c0] + mark))
             losses.append(mean_loss)
             times.append(dt)
-            changes.append(pending is not None)
+            changes.append(changed)
+            moved.append((sync, migration))
             tokens = device_tokens(counts, [layer.last_share for layer in model.moe_layers])
             served.append(tokens.sum(axis=0))
             balances.append(worst_balance(tokens))
@@ -264,8 +227,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
                 except OSError as exc:  # a full disk: keep training, the previous checkpoint stays
                     logger.warning("step %d: checkpoint not written (%s); training goes on", step + 1, exc)
     finally:
-        if replanner:
-            replanner.close()
+        fx.close()
     if bar is not None:
         bar.close()
     if cfg.checkpoint:
@@ -287,6 +249,11 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
               "device_tokens": np.array(served),  # [steps, G] tokens each device computed, all layers
               "experts": state.cpu(), "dense": {k: v.cpu() for k, v in model.state_dict().items()},
               "plan": rt.plan.to_dict(), "tokens_per_step": tokens_per_step}
+    table = metrics.rows(result, moved) if rank == 0 and cfg.metrics_out else None
+    if table is not None:
+        metrics.write(cfg.metrics_out, table)
+        if not cfg.summary and not sys.stdout.isatty():  # a batch job's one line, without the CLI's own
+            print(metrics.summary(table), flush=True)
     if rank == 0 and cfg.summary and losses:
         done = sum(times)
         print(f"trained steps {start + 1}..{start + len(losses)} on {world} ranks: loss {losses[0]:.3f} -> "

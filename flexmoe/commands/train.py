@@ -57,6 +57,8 @@ def train_cmd(
     timeout: Annotated[float, Opt(help="give up on the whole run after this many seconds")] = 86400.0,
     progress: Annotated[bool, Opt(help="progress bar on rank 0 (only on a terminal; otherwise ten log "
                                        "lines with loss, tokens/s and balance)")] = True,
+    metrics_out: Annotated[Optional[Path], Opt(help="per-step metrics (loss, tokens/s, balance, re-plans, bytes "
+                                                   "moved, time per phase): JSON lines, or CSV for a .csv name")] = None,
 ) -> None:
     """Train an MoE GPT; experts are re-placed live by the chosen policy. Balance is max/mean
     tokens per device (1.0 is perfect; the inverse of vLLM's and SGLang's 'balancedness')."""
@@ -79,7 +81,8 @@ def train_cmd(
         plan=str(plan) if plan else None, cluster=str(cluster) if cluster else None,
         trace_out=str(trace_out) if trace_out else None, checkpoint=str(checkpoint) if checkpoint else None,
         checkpoint_every=checkpoint_every, resume=str(resume) if resume else None,
-        progress=console.progress(progress), reproducible=reproducible, summary=True)
+        progress=console.progress(progress), reproducible=reproducible, summary=True,
+        metrics_out=str(metrics_out) if metrics_out else None)
     if under_torchrun():
         from runtime.trainer import preflight
         preflight(cfg, int(os.environ["WORLD_SIZE"]))  # each rank, before joining the group
@@ -88,6 +91,6 @@ def train_cmd(
             return
     else:
         spawn(cfg, world_size, threads=threads, timeout=timeout)  # checks every input first (preflight)
-    written = [str(p) for p in (trace_out, checkpoint) if p]
+    written = [str(p) for p in (trace_out, checkpoint, metrics_out) if p]
     if written:
         console.log.info("wrote %s", ", ".join(written))
