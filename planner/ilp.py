@@ -251,6 +251,11 @@ def _node_flows(m, inst: _Inst, x, y, l):
     return out, z
 
 
+def _free_links(cluster: Cluster) -> bool:
+    """Links cost nothing: no all-to-all, sync or migration time, compute alone counts."""
+    return bool((cluster.alpha == 0).all() and (cluster.inv_beta < 1e-24).all())
+
+
 def _limit(params, seconds: float, reproducible: bool) -> None:
     """The reproducible mode stops on deterministic time (same seed, same plan), wall time being
     only a safety net; otherwise the budget is wall time."""
@@ -314,7 +319,9 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
         status, x, share, owner, obj, bound, extra = _solve(inst, hx, hs, ho, left, workers, seed, reproducible)
         info.update(status=status.lower(), decomposed=False, **extra)
         if x is not None:
-            info.update(model_objective_s=obj, bound_s=bound)
+            # on free links (compute alone) the model is the estimator, up to block rounding; with
+            # links, owners and routing it is not, and its bound is reported apart (planner.score)
+            info.update(model_objective_s=obj, bound_s=bound, bound_valid=_free_links(cluster))
     else:
         status, x, share, owner, extra = _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval,
                                                   left, workers, seed, reproducible)
