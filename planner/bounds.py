@@ -346,3 +346,148 @@ def lp_bound(cluster: Cluster, counts, current=None, interval: int = 50, upper: 
     """The relaxation's LP bound (GLOP): a floor, valid for any plan."""
     r = Relaxation(cluster, counts, current, interval, upper, integer=False)
     return r.solve(60.0)[0]
+
+
+class NodeRelaxation:
+    """Nodes as single machines: a small MIP whose bound is valid for the device-level problem.
+
+    Per expert and node: hosted `u`, replicas `n`, owner node `own`, tokens served `Y`, blocks
+    leaving `out` and entering `inn` (their difference is node demand less service, exactly as
+    routing has it). A node's devices' time summed (`m_k T`) must cover its latency, compute
+    (`a n + b Y`, cheapest device), its all-to-all (intra sends at NVLink cost, the larger of
+    outflow and inflow at the inter-node cost), its replica sync (every replica in a node that
+    does not own the expert syncs over the slow link, the owner node pays the larger of its
+    followers' and its own), and its share of migration. Binary decisions are per (expert, node)
+    only, so the solver proves far more than on the device model; the device-level facts it
+    loses (one device's balance) come back through the cheap bounds as a floor."""
+
+    def __init__(self, cluster: Cluster, counts, current=None, interval: int = 50, upper: float | None = None,
+                 backend: str = "SCIP"):
+        from ortools.linear_solver import pywraplp
+        counts = fold_sources(counts, cluster.num_devices)
+        self.cluster, self.counts, self.upper = cluster, counts, upper
+        G, E = cluster.num_devices, counts.shape[1]
+        node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
+        K = int(node.max()) + 1
+        self.E, self.K, self.node = E, K, node
+        N = max(float(counts.sum()), 1.0)
+        self.U = U = N / 1000.0
+        self.tau = tau = max(compute_bound(cluster, counts), 1e-12) / 1000.0
+        s = pywraplp.Solver.CreateSolver(backend)
+        self.solver = s
+        inf = s.infinity()
+        a, b, lat = cluster.compute_a, cluster.compute_b, latency(cluster)
+        ci, co = _class_costs(cluster)
+        tb, P, OB = cluster.expert.token_bytes, cluster.expert.param_bytes, cluster.expert.optimizer_bytes
+        c = counts.T / U
+        L = c.sum(axis=1)
+        devs = [np.flatnonzero(node == k) for k in range(K)]
+        m = np.array([len(d) for d in devs])
+        slots = np.array([int(cluster.slots[d].sum()) for d in devs])
+        per_dev = np.array([int(min(len(d), cluster.slots[d].sum())) for d in devs])  # replicas of one expert
+        D = np.stack([c[:, d].sum(axis=1) for d in devs], axis=1)  # [E, K]
+        Ktop = np.array([sum(np.sort(c[:, g])[::-1][:int(cluster.slots[g])].sum() for g in d) for d in devs])
+        cap = np.full(K, np.inf)
+        if upper is not None:
+            cap = np.array([np.maximum((upper - lat[d] - a[d]) / b[d], 0.0).max() for d in devs]) / U
+        fin = lambda v: np.where(np.isfinite(v), v, 0.0)
+        ci_k = np.array([fin(ci[d]).min() if K > 0 else 0 for d in devs])
+        co_k = np.array([fin(co[d]).min() for d in devs])
+        u = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
+        n = [[s.IntVar(0, int(per_dev[k]), "") for k in range(K)] for _ in range(E)]
+        own = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
+        Y = [[s.NumVar(0, float(L[e]), "") for k in range(K)] for e in range(E)]
+        out = [[s.NumVar(0, float(D[e, k]), "") for k in range(K)] for e in range(E)]
+        inn = [[s.NumVar(0, float(L[e]), "") for k in range(K)] for e in range(E)]
+        self.u, self.n, self.own, self.Y = u, n, own, Y
+        T = s.NumVar(0, inf, "T")
+        for e in range(E):
+            s.Add(sum(Y[e]) == float(L[e]))
+            s.Add(sum(own[e]) == 1)
+            for k in range(K):
+                s.Add(n[e][k] >= u[e][k])
+                s.Add(n[e][k] <= int(per_dev[k]) * u[e][k])
+                s.Add(own[e][k] <= u[e][k])
+                s.Add(Y[e][k] <= float(min(L[e], cap[k] * per_dev[k])) * u[e][k])
+                if np.isfinite(cap[k]):
+                    s.Add(Y[e][k] <= float(cap[k]) * n[e][k])
+                s.Add(out[e][k] - inn[e][k] == float(D[e, k]) - Y[e][k])
+                s.Add(out[e][k] <= float(D[e, k]) * (1 - u[e][k]) + Y[e][k] * 0 + float(D[e, k]) * u[e][k])
+        mig = None
+        if current is not None:
+            mig = s.NumVar(0, inf, "mig")
+            x0, own0 = current.replicas(), current.owner
+        for k in range(K):
+            d = devs[k]
+            s.Add(sum(n[e][k] for e in range(E)) <= int(slots[k]))
+            nk = sum(n[e][k] for e in range(E))
+            Yk = sum(Y[e][k] for e in range(E))
+            outk = sum(out[e][k] for e in range(E))
+            ink = sum(inn[e][k] for e in range(E))
+            # tokens kept on their own device: at most what the devices' slots hold of their own
+            # sources' tokens, and at most what the node serves of its own demand
+            loc = s.NumVar(0, float(Ktop[k]), "")
+            s.Add(loc <= Yk - ink)
+            s.Add(loc <= float(D[:, k].sum()) - outk)
+            intra = float(D[:, k].sum()) - loc - outk  # sent inside the node (= received inside)
+            ki, ko = A2A_PHASES * tb * U * ci_k[k] / tau, A2A_PHASES * tb * U * co_k[k] / tau
+            A = s.NumVar(0, inf, "")
+            s.Add(A >= float(ki) * intra + float(ko) * outk)
+            s.Add(A >= float(ki) * intra + float(ko) * ink)
+            # sync: followers in k of experts owned elsewhere (inter), intra followers, and the
+            # followers elsewhere of the experts k owns
+            M = int(sum(per_dev)) + 1
+            fo, fi, oo = [], [], []
+            for e in range(E):
+                v = s.NumVar(0, inf, "")
+                s.Add(v >= n[e][k] - M * own[e][k])
+                fo.append(v)
+                w = s.NumVar(0, inf, "")
+                s.Add(w >= n[e][k] - 1 - M * (1 - own[e][k]))
+                fi.append(w)
+                z = s.NumVar(0, inf, "")
+                s.Add(z >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
+                oo.append(z)
+            S = s.NumVar(0, inf, "")
+            pi, po = SYNC_PHASES * P * ci_k[k] / tau, SYNC_PHASES * P * co_k[k] / tau
+            s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
+            s.Add(S >= float(pi) * sum(fi) + float(po) * sum(oo))
+            s.Add(float(m[k]) * T >= float(lat[d].sum() / tau) + float(a[d].min() / tau) * nk
+                  + float(b[d].min() * U / tau) * Yk + A + S)
+            if mig is not None:
+                # each device's migration receive time is at most mig: new replicas in the node
+                # (from the node if it held the expert, else from across) and owners moved in
+                terms = []
+                for e in range(E):
+                    had = int(x0[e, d].sum())
+                    new = s.NumVar(0, inf, "")
+                    s.Add(new >= n[e][k] - had)
+                    cost = ci_k[k] if had else co_k[k]
+                    terms.append(float(P * cost / tau) * new)
+                    if node[own0[e]] != k:
+                        terms.append(float(OB * co_k[k] / tau) * own[e][k])
+                s.Add(float(m[k]) * mig >= sum(terms))
+        s.Add(T >= float(quick_bound(cluster, counts) / tau) * (1 - SAFETY))
+        s.Minimize(T + (mig * (1.0 / interval) if mig is not None else 0))
+        self.T = T
+
+    def solve(self, seconds: float, threads: int = 1):
+        """(bound seconds, node solution (u, n, own, Y tokens) or None, status)."""
+        from ortools.linear_solver import pywraplp
+        s = self.solver
+        s.SetTimeLimit(int(max(seconds, 0.01) * 1000))
+        st = s.Solve()
+        bound = s.Objective().BestBound() if st != pywraplp.Solver.INFEASIBLE else (self.upper or 0.0)
+        if not np.isfinite(bound):
+            bound = 0.0
+        bound = max(0.0, bound * self.tau * (1 - SAFETY))
+        if self.upper is not None:
+            bound = min(bound, self.upper)
+        sol = None
+        if st in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+            val = lambda vs: np.array([[v.solution_value() for v in row] for row in vs])
+            sol = (val(self.u) > 0.5, np.rint(val(self.n)).astype(int), val(self.own).argmax(axis=1),
+                   np.maximum(val(self.Y), 0.0) * self.U)
+        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
+                 pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "unknown"}
+        return float(bound), sol, names.get(st, "error")

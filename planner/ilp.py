@@ -271,9 +271,10 @@ def _gap(obj, bound):
     return float(obj / bound - 1.0) if bound > 0 else 0.0
 
 
-def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
+def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int, extra=()):
     """Candidate warm starts, best first by the estimator: greedy, EPLB, wrap-around, and the
-    node-aware constructions where the greedy did not already weigh them."""
+    node-aware constructions where the greedy did not already weigh them; `extra`: more
+    (name, x, share, owner) candidates (the offline mode's)."""
     load = counts.sum(axis=0)
     gx, gs, go, ginfo = greedy(cluster, counts, current, interval=interval)
     cands = [("greedy", gx, gs, go)]
@@ -281,6 +282,7 @@ def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
     cands.append(("eplb", ex, es, pick_owner(cluster, ex, es, current)))
     mx, ms = mcnaughton(cluster, load)
     cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
+    cands += list(extra)
     if not any(k.startswith("nodes+") for k in ginfo.get("candidates", {})):
         for name, hx, hs in hierarchical(cluster, counts):  # the greedy skipped them (too large)
             own = pick_owner(cluster, hx, hs, current)
@@ -292,7 +294,7 @@ def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
 
 
 def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, time_budget: float = 1.0,
-        workers: int = 1, seed: int = 0, interval: int = 50, reproducible: bool = False):
+        workers: int = 1, seed: int = 0, interval: int = 50, reproducible: bool = False, extra_hints=()):
     """(x, share, owner, info). Falls back to the greedy plan if the solver returns no solution.
 
     `time_budget` is wall-clock seconds for the whole call, hints included. `reproducible`: one
@@ -303,7 +305,7 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
     if not time_budget > 0:
         raise InputError(f"the time budget must be positive seconds, got {time_budget}")
     t0 = time.perf_counter()
-    ranked, ginfo = hints(cluster, counts, current, interval)
+    ranked, ginfo = hints(cluster, counts, current, interval, extra_hints)
     (hname, hx, hs, ho), hobj = ranked[0]
     greedy_plan = next(c for c, _ in ranked if c[0] == "greedy")
     # the reproducible mode's budget must not depend on the wall clock

@@ -70,6 +70,8 @@ def test_bounds_never_exceed_brute_force(name, cluster, load, seed):
                  "traffic": bounds.traffic_bound(cluster, counts),
                  "lp": bounds.lp_bound(cluster, counts, cur, 5, upper=upper),
                  "mip": bounds.Relaxation(cluster, counts, cur, 5, upper=upper).solve(20.0)[0]}
+        if cluster.num_nodes > 1:
+            found["node"] = bounds.NodeRelaxation(cluster, counts, cur, 5, upper=upper).solve(20.0)[0]
         for k, v in found.items():
             assert v <= best * (1 + 1e-9), (name, cur is not None, k, v, best)
         # and they say something: the communication-aware ones beat perfect compute balance
@@ -77,6 +79,9 @@ def test_bounds_never_exceed_brute_force(name, cluster, load, seed):
         assert found["mip"] >= max(found["compute"], found["traffic"]) * (1 - 1e-5)
         if cur is None and name != "1 node":
             assert found["traffic"] > found["compute"] * 1.01, found
+            assert found["node"] >= found["traffic"] * (1 - 1e-5), found
+        if name == "2 nodes, even":  # a node cannot host all three: what crosses or syncs counts
+            assert found["node"] > found["traffic"] * 1.3, found
 
 
 def test_mip_bound_is_tight_on_a_tiny_case():

@@ -39,6 +39,10 @@ def compare_cmd(
                                                  "trace's step ids)")] = 0,
         figures: Annotated[bool, typer.Option("--figures/--no-figures", help="write PNG figures")] = True,
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")] = True,
+        offline_budget: Annotated[float, typer.Option(help="offline mode: at each ILP re-plan, also search "
+                                                           "this many seconds for the best plan and a proven "
+                                                           "bound, and report every policy's distance to it "
+                                                           "(0: off)")] = 0.0,
 ) -> None:
     """Replay a routing trace under each policy, planning from the past only, and compare estimated
     step time, speed-up over static, balance, dropped tokens, migration and planner time."""
@@ -63,8 +67,15 @@ def compare_cmd(
     pols = make_policies(names, interval=interval, trigger=trigger or None, predictor=predictor, window=window,
                          ema=ema, time_budget=time_budget, workers=workers, seed=seed,
                          capacity_factor=capacity_factor)
-    results = run_all(t, c, pols, stride=stride or None, progress=progress)
+    kw = {}
+    if offline_budget:
+        from experiments.offline import offline_plan_fn
+        if "ilp" not in names:
+            raise InputError("--offline-budget compares against the ILP's re-plans: add ilp to --policies")
+        kw["plan_fn"] = offline_plan_fn(offline_budget, max(workers, 1))
+    results = run_all(t, c, pols, stride=stride or None, progress=progress, **kw)
     setting = setting_of(trace, cluster, t, c, pols[0], stride or None)
+    setting["offline_budget"] = offline_budget
     written = write_report(output, results, setting, figures=figures)
     typer.echo(f"{setting['trace_desc']}\non {setting['cluster_desc']}")
     typer.echo(text_table(written["rows"]))
@@ -75,5 +86,11 @@ def compare_cmd(
                    f"(mean {opt['greedy_over_ilp_mean_pct']:.1f}%), "
                    f"at most {opt['greedy_over_bound_max_pct']:.1f}% above the proven bound; "
                    f"ILP fallbacks {opt['ilp_fallbacks']}")
+    off = written.get("offline")
+    if off:
+        typer.echo(f"offline ({offline_budget:g} s per instance, {off['replans']} re-plans): distance to the "
+                   "proven bound, median / p90: " + ", ".join(
+                       f"{p} {off[p]['median']:.1f}% / {off[p]['p90']:.1f}%"
+                       for p in ("offline", "ilp", "greedy", "eplb") if p in off))
     typer.echo("planner time is wall clock, off the critical path: not added to step time")
     typer.echo(f"wrote {output}/: {', '.join(written['files'])}")
