@@ -75,24 +75,27 @@ def _balance(weight, base, b, k, C, K, N, steps=50):
     vals = np.stack([f(pts[:, i]) for i in range(4)], axis=1)
 
     def feasible(T):
-        lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+        """Feasibility at each level of the array T: bool[len(T)]."""
+        T = np.asarray(T, dtype=np.float64)[:, None]
+        lo, hi = np.full((len(T), n), np.inf), np.full((len(T), n), -np.inf)
         for i in range(3):
             p0, p1, v0, v1 = pts[:, i], pts[:, i + 1], vals[:, i], vals[:, i + 1]
             ok0, ok1 = v0 <= T, v1 <= T
             dv = v1 - v0
-            frac = np.divide(T - v0, dv, out=np.zeros(n), where=dv != 0)
+            frac = np.divide(T - v0, dv, out=np.zeros_like(lo), where=dv != 0)
             cross = p0 + np.clip(frac, 0.0, 1.0) * (p1 - p0)
             lo = np.minimum(lo, np.where(ok0, p0, np.where(ok1, cross, np.inf)))
             hi = np.maximum(hi, np.where(ok1, p1, np.where(ok0, cross, -np.inf)))
-        return bool(np.all(lo <= hi)) and lo.sum() <= N * (1 + 1e-12) and hi.sum() >= N * (1 - 1e-12)
+        return (lo <= hi).all(axis=1) & (lo.sum(axis=1) <= N * (1 + 1e-12)) & (hi.sum(axis=1) >= N * (1 - 1e-12))
 
+    # a grid of levels per round instead of one bisection step: few numpy calls. `lo_t` stays
+    # infeasible (or 0), so it is a valid bound whatever the rounding.
     lo_t, hi_t = 0.0, float(vals.max())
-    for _ in range(steps):
-        mid = 0.5 * (lo_t + hi_t)
-        if feasible(mid):
-            hi_t = mid
-        else:
-            lo_t = mid
+    for _ in range(max(1, steps // 16)):
+        grid = np.linspace(lo_t, hi_t, 33)[1:]
+        ok = feasible(grid)
+        first = int(np.argmax(ok)) if ok.any() else len(grid) - 1
+        lo_t, hi_t = (float(grid[first - 1]) if first > 0 else lo_t), float(grid[first])
     return lo_t
 
 

@@ -79,9 +79,17 @@ def wrap_tokens(load_arr: np.ndarray, a: np.ndarray, b: np.ndarray, slots: np.nd
     load, a, b, slots = load_arr.tolist(), np.asarray(a).tolist(), np.asarray(b).tolist(), np.asarray(slots).tolist()
     best = None
     k = int(max(slots))
-    for light in sorted(set(lights if lights is not None else {0, 1, k // 2, k - 1}) & set(range(k))):
-        hi = lb
-        found = _wrap(load, order, a, b, slots, hi, light)
+    # most light items first (usually the best), and a light count that cannot beat the best
+    # target so far, less the search's tolerance, is dropped after that one trial
+    for light in sorted(set(lights if lights is not None else {0, 1, k // 2, k - 1}) & set(range(k)), reverse=True):
+        if best is not None:
+            hi = best[0] * (1 - SEARCH_TOLERANCE)
+            found = _wrap(load, order, a, b, slots, hi, light)
+            if found is None:
+                continue
+        else:
+            hi = lb
+            found = _wrap(load, order, a, b, slots, hi, light)
         while found is None and hi < 1e6 * (lb + 1.0):
             hi *= 2.0
             found = _wrap(load, order, a, b, slots, hi, light)
