@@ -51,9 +51,16 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     floor = bounds.quick_bound(cluster, counts)
     bound, status = floor, "none"
     if cluster.num_nodes > 1:
-        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper)
-        nb, sol, status = rel.solve(0.4 * budget)
+        # the node relaxation twice: without the per-expert local cuts (often proved quickly),
+        # then with them (tighter when proved); the max of valid bounds is valid
+        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper, local_cuts=False)
+        nb, sol, status = rel.solve(0.15 * budget)
         bound = max(bound, nb)
+        strong = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper)
+        nb2, sol2, status2 = strong.solve(0.3 * budget)
+        if nb2 > nb:
+            bound, status = max(bound, nb2), status2
+        sol = sol2 if sol2 is not None else sol
         if sol is not None:
             made = from_nodes(cluster, counts, sol[3], sol[2])
             if made is not None:

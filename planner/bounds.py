@@ -365,7 +365,9 @@ class NodeRelaxation:
     loses (one device's balance) come back through the cheap bounds as a floor."""
 
     def __init__(self, cluster: Cluster, counts, current=None, interval: int = 50, upper: float | None = None,
-                 backend: str = "SCIP"):
+                 backend: str = "SCIP", local_cuts: bool = True):
+        """`local_cuts`: per-expert limits on what stays on its source's device (tighter, but
+        the solver may take longer to prove it: running both and keeping the max is valid)."""
         from ortools.linear_solver import pywraplp
         counts = fold_sources(counts, cluster.num_devices)
         self.cluster, self.counts, self.upper = cluster, counts, upper
@@ -397,25 +399,37 @@ class NodeRelaxation:
         ci_k = np.array([fin(ci[d]).min() if K > 0 else 0 for d in devs])
         co_k = np.array([fin(co[d]).min() for d in devs])
         u = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
-        n = [[s.IntVar(0, int(per_dev[k]), "") for k in range(K)] for _ in range(E)]
+        # z[e][k][j-1]: expert e has exactly j replicas on node k; n = sum j z, u = sum z
+        z = [[[s.BoolVar("") for _ in range(int(per_dev[k]))] for k in range(K)] for _ in range(E)]
+        n = [[sum((j + 1) * v for j, v in enumerate(z[e][k])) for k in range(K)] for e in range(E)]
         own = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
         Y = [[s.NumVar(0, float(L[e]), "") for k in range(K)] for e in range(E)]
         out = [[s.NumVar(0, float(D[e, k]), "") for k in range(K)] for e in range(E)]
         inn = [[s.NumVar(0, float(L[e]), "") for k in range(K)] for e in range(E)]
-        self.u, self.n, self.own, self.Y = u, n, own, Y
+        self.u, self.z, self.own, self.Y = u, z, own, Y
         T = s.NumVar(0, inf, "T")
+        floor_c = np.array([float((lat[d] + a[d]).min()) for d in devs]) / tau  # a replica's fixed time
+        bu = np.array([float(b[d].min()) for d in devs]) * U / tau  # time units per block
         for e in range(E):
             s.Add(sum(Y[e]) == float(L[e]))
             s.Add(sum(own[e]) == 1)
+            # the device holding e's largest replica computes at least L_e / (replicas): convex
+            # in the replica count, so the lines through consecutive integers bound it below
+            R = sum(n[e][k] for k in range(K))
+            f = lambda r: float(floor_c.min() + bu.min() * L[e] / r)
+            for r in range(1, int(per_dev.sum()) + 1):
+                s.Add(T >= f(r) + (f(r + 1) - f(r)) * (R - r))
             for k in range(K):
-                s.Add(n[e][k] >= u[e][k])
-                s.Add(n[e][k] <= int(per_dev[k]) * u[e][k])
+                s.Add(sum(z[e][k]) == u[e][k])
+                # j replicas on node k serve at most j devices' time: b Y <= j (T - lat - a)
+                big = float(bu[k] * L[e] + per_dev[k] * floor_c[k])
+                for j, v in enumerate(z[e][k], start=1):
+                    s.Add(float(bu[k]) * Y[e][k] <= j * T - j * float(floor_c[k]) + big * (1 - v))
                 s.Add(own[e][k] <= u[e][k])
                 s.Add(Y[e][k] <= float(min(L[e], cap[k] * per_dev[k])) * u[e][k])
                 if np.isfinite(cap[k]):
                     s.Add(Y[e][k] <= float(cap[k]) * n[e][k])
                 s.Add(out[e][k] - inn[e][k] == float(D[e, k]) - Y[e][k])
-                s.Add(out[e][k] <= float(D[e, k]) * (1 - u[e][k]) + Y[e][k] * 0 + float(D[e, k]) * u[e][k])
         mig = None
         if current is not None:
             mig = s.NumVar(0, inf, "mig")
@@ -432,6 +446,18 @@ class NodeRelaxation:
             loc = s.NumVar(0, float(Ktop[k]), "")
             s.Add(loc <= Yk - ink)
             s.Add(loc <= float(D[:, k].sum()) - outk)
+            # per expert: with j replicas on the node, at most the j largest of its sources' counts
+            # there stay on their own device, and no more than the node serves of its own demand
+            top = -np.sort(-c[:, d], axis=1)  # [E, m_k]
+            loc_e = []
+            for e in range(E if local_cuts else 0):
+                le = s.NumVar(0, float(D[e, k]), "")
+                s.Add(le <= sum(float(top[e, :j].sum()) * v for j, v in enumerate(z[e][k], start=1)))
+                s.Add(le <= Y[e][k] - inn[e][k])
+                s.Add(le <= float(D[e, k]) - out[e][k])
+                loc_e.append(le)
+            if loc_e:
+                s.Add(loc <= sum(loc_e))
             intra = float(D[:, k].sum()) - loc - outk  # sent inside the node (= received inside)
             ki, ko = A2A_PHASES * tb * U * ci_k[k] / tau, A2A_PHASES * tb * U * co_k[k] / tau
             A = s.NumVar(0, inf, "")
@@ -448,9 +474,9 @@ class NodeRelaxation:
                 w = s.NumVar(0, inf, "")
                 s.Add(w >= n[e][k] - 1 - M * (1 - own[e][k]))
                 fi.append(w)
-                z = s.NumVar(0, inf, "")
-                s.Add(z >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
-                oo.append(z)
+                w2 = s.NumVar(0, inf, "")
+                s.Add(w2 >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
+                oo.append(w2)
             S = s.NumVar(0, inf, "")
             pi, po = SYNC_PHASES * P * ci_k[k] / tau, SYNC_PHASES * P * co_k[k] / tau
             s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
@@ -489,7 +515,8 @@ class NodeRelaxation:
         sol = None
         if st in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
             val = lambda vs: np.array([[v.solution_value() for v in row] for row in vs])
-            sol = (val(self.u) > 0.5, np.rint(val(self.n)).astype(int), val(self.own).argmax(axis=1),
+            nv = np.array([[sum((j + 1) * v.solution_value() for j, v in enumerate(zk)) for zk in ze] for ze in self.z])
+            sol = (val(self.u) > 0.5, np.rint(nv).astype(int), val(self.own).argmax(axis=1),
                    np.maximum(val(self.Y), 0.0) * self.U)
         names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
                  pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "unknown"}
