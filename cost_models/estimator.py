@@ -198,9 +198,10 @@ def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarr
     # the first old holder on the new replica's node, else the old owner (vectorised)
     near = old_x[es] & (nodes[None, :] == nodes[gs][:, None])
     src = np.where(near.any(axis=1), near.argmax(axis=1), old_owner[es])
-    out = [(int(e), int(s_), int(g), "weights", cluster.expert.param_bytes) for e, s_, g in zip(es, src, gs)]
-    for e in np.flatnonzero(new_owner != old_owner):
-        out.append((int(e), int(old_owner[e]), int(new_owner[e]), "optimizer", cluster.expert.optimizer_bytes))
+    pb, ob = cluster.expert.param_bytes, cluster.expert.optimizer_bytes
+    out = [(e, s_, g, "weights", pb) for e, s_, g in zip(es.tolist(), src.tolist(), gs.tolist())]
+    out += [(e, int(old_owner[e]), int(new_owner[e]), "optimizer", ob)
+            for e in np.flatnonzero(new_owner != old_owner).tolist()]
     return out
 
 

@@ -74,18 +74,17 @@ def _balance(weight, base, b, k, C, K, N, steps=50):
 
     vals = np.stack([f(pts[:, i]) for i in range(4)], axis=1)
 
+    p0, p1, v0, v1 = pts[:, :3], pts[:, 1:], vals[:, :3], vals[:, 1:]  # [n, 3] linear pieces
+    dv = v1 - v0
+
     def feasible(T):
-        """Feasibility at each level of the array T: bool[len(T)]."""
-        T = np.asarray(T, dtype=np.float64)[:, None]
-        lo, hi = np.full((len(T), n), np.inf), np.full((len(T), n), -np.inf)
-        for i in range(3):
-            p0, p1, v0, v1 = pts[:, i], pts[:, i + 1], vals[:, i], vals[:, i + 1]
-            ok0, ok1 = v0 <= T, v1 <= T
-            dv = v1 - v0
-            frac = np.divide(T - v0, dv, out=np.zeros_like(lo), where=dv != 0)
-            cross = p0 + np.clip(frac, 0.0, 1.0) * (p1 - p0)
-            lo = np.minimum(lo, np.where(ok0, p0, np.where(ok1, cross, np.inf)))
-            hi = np.maximum(hi, np.where(ok1, p1, np.where(ok0, cross, -np.inf)))
+        """Feasibility at each level of the array T: bool[len(T)]; all pieces in one pass."""
+        T = np.asarray(T, dtype=np.float64)[:, None, None]
+        ok0, ok1 = v0 <= T, v1 <= T  # [M, n, 3]
+        frac = np.divide(T - v0, dv, out=np.zeros(ok0.shape), where=dv != 0)
+        cross = p0 + np.clip(frac, 0.0, 1.0) * (p1 - p0)
+        lo = np.where(ok0, p0, np.where(ok1, cross, np.inf)).min(axis=2)
+        hi = np.where(ok1, p1, np.where(ok0, cross, -np.inf)).max(axis=2)
         return (lo <= hi).all(axis=1) & (lo.sum(axis=1) <= N * (1 + 1e-12)) & (hi.sum(axis=1) >= N * (1 - 1e-12))
 
     # a grid of levels per round instead of one bisection step: few numpy calls. `lo_t` stays
@@ -117,7 +116,8 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     c = np.where(np.isfinite(c), c, 0.0)  # a lone device sends nothing
     C = counts.sum(axis=1)
     srt = -np.sort(-counts, axis=1)
-    K = np.array([srt[g, :int(cluster.slots[g])].sum() for g in range(G)])
+    smax = int(cluster.slots.max())
+    K = (srt[:, :smax] * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
     N = float(counts.sum())
     best = _balance(np.ones(G), lat, b, unit * c, C, K, N)
     node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
