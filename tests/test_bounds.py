@@ -117,3 +117,27 @@ def test_plans_report_a_valid_bound():
         assert i["proven_bound_s"] >= bounds.traffic_bound(cluster, counts) * (1 - 1e-12)
         assert i["proven_bound_s"] <= i["objective"] * (1 + 1e-12)
         assert i["gap"] == pytest.approx(i["objective"] / i["proven_bound_s"] - 1)
+
+
+def test_ilp_reports_its_model_bound_apart():
+    """On real links the ILP's model bound is not a bound on the estimator's objective: it is kept
+    as `model_bound_s`, and `proven_bound_s` is the max of the valid ones."""
+    cluster = slow_cluster()
+    counts = spread([300, 40, 20], cluster.num_devices, seed=0)
+    lp = plan_layer(cluster, counts, static_layer(3, cluster.slots), solver="ilp", time_budget=0.5, interval=5)
+    assert "model_bound_s" in lp.info
+    valid = max(lower_bound(cluster, counts), bounds.quick_bound(cluster, counts))
+    assert lp.info["proven_bound_s"] == pytest.approx(valid)
+
+
+def test_polish_never_worsens_and_reports_its_objective():
+    from experiments.offline import polish
+    from planner.greedy import greedy
+    cluster = slow_cluster()
+    counts = spread([300, 40, 20], cluster.num_devices, seed=0).astype(np.float64)
+    cur = static_layer(3, cluster.slots)
+    x, s, o, _ = greedy(cluster, counts, cur, interval=5)
+    px, ps, po, v = polish(cluster, counts, cur, 5, x, s, o)
+    assert (px == x).all() and v <= objective(cluster, counts, x, s, o, cur, 5) + 1e-15
+    assert v == pytest.approx(objective(cluster, counts, px, ps, po, cur, 5))
+    assert px[np.arange(3), po].all() and np.allclose(ps.sum(axis=1), 1) and (ps[~px] == 0).all()
