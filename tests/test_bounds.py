@@ -141,3 +141,32 @@ def test_polish_never_worsens_and_reports_its_objective():
     assert (px == x).all() and v <= objective(cluster, counts, x, s, o, cur, 5) + 1e-15
     assert v == pytest.approx(objective(cluster, counts, px, ps, po, cur, 5))
     assert px[np.arange(3), po].all() and np.allclose(ps.sum(axis=1), 1) and (ps[~px] == 0).all()
+
+
+def test_relaxation_at_a_fixed_plan_is_just_below_the_estimate():
+    """With replicas, owners and tokens fixed to a plan, the relaxation is that plan's estimate with
+    free routing and the cheapest links: never above it, and close to it (it is the same model)."""
+    rng = np.random.default_rng(4)
+    cluster = slow_cluster(per_node=(2, 2))
+    counts = spread([300, 120, 60, 20], cluster.num_devices, seed=1).astype(np.float64)
+    cur = static_layer(4, cluster.slots)
+    for _ in range(6):
+        x = rng.random((4, cluster.num_devices)) < 0.4
+        x[np.arange(4), rng.integers(0, cluster.num_devices, 4)] = True
+        x &= np.cumsum(x, axis=0) <= 2  # two slots per device
+        if not x.any(axis=1).all():
+            continue
+        sh = np.where(x, rng.random(x.shape) + 0.1, 0.0)
+        sh /= sh.sum(axis=1, keepdims=True)
+        own = np.array([rng.choice(np.flatnonzero(r)) for r in x])
+        est = objective(cluster, counts, x, sh, own, cur, 5)
+        rel = bounds.Relaxation(cluster, counts, cur, 5, integer=False)
+        L = counts.sum(axis=0) / rel.U
+        for e in range(4):
+            for g in range(cluster.num_devices):
+                rel.x[e][g].SetBounds(float(x[e, g]), float(x[e, g]))
+                rel.o[e][g].SetBounds(float(own[e] == g), float(own[e] == g))
+                rel.y[e][g].SetBounds(sh[e, g] * L[e] * (1 - 1e-9), sh[e, g] * L[e] * (1 + 1e-9))
+        v = rel.solve(10.0)[0]
+        assert v <= est * (1 + 1e-6), (v, est)
+        assert v >= 0.85 * est, (v, est)
