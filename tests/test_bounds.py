@@ -56,6 +56,8 @@ CASES = [
     ("2 nodes, hot expert", slow_cluster(), [300, 40, 20], 0),
     ("2 nodes, even", slow_cluster(), [90, 80, 70], 1),
     ("1 node", slow_cluster(nodes=1, per_node=(3,)), [200, 50, 10], 2),
+    ("2 nodes, one very hot", slow_cluster(per_node=(2, 1)), [900, 10, 10], 3),
+    ("1 node, one very hot", slow_cluster(nodes=1, per_node=(3,)), [900, 10, 10], 3),
 ]
 
 
@@ -70,8 +72,7 @@ def test_bounds_never_exceed_brute_force(name, cluster, load, seed):
                  "traffic": bounds.traffic_bound(cluster, counts),
                  "lp": bounds.lp_bound(cluster, counts, cur, 5, upper=upper),
                  "mip": bounds.Relaxation(cluster, counts, cur, 5, upper=upper).solve(20.0)[0]}
-        if cluster.num_nodes > 1:
-            found["node"] = bounds.NodeRelaxation(cluster, counts, cur, 5, upper=upper).solve(20.0)[0]
+        found["node"] = bounds.NodeRelaxation(cluster, counts, cur, 5, upper=upper).solve(20.0)[0]
         for k, v in found.items():
             assert v <= best * (1 + 1e-9), (name, cur is not None, k, v, best)
         # and they say something: the communication-aware ones beat perfect compute balance
