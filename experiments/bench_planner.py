@@ -94,9 +94,10 @@ def main(argv=None):
                     help="also solve each real instance offline with this budget (experiments/offline.py) "
                          "and print every policy's distance to the proven bound")
     ap.add_argument("--only-real", action="store_true", help="skip the synthetic cluster shapes")
+    ap.add_argument("--skip-real", action="store_true", help="skip the real-trace excerpt")
     args = ap.parse_args(argv)
     cluster = preset("dgx-a100-2x8", slots=3)
-    real = smartmoe(args.quick)
+    real = [] if args.skip_real else smartmoe(args.quick)
     if real:
         r2 = run_case("SmartMoE GPT-MoE excerpt: 32 experts, 16 dev x 3 slots", cluster, real,
                       SOLVERS + ("ilp/balance",), 2.0, args.workers)

@@ -154,11 +154,18 @@ def _candidates(st: _State):
     # expand the expert with the highest load per replica onto the least busy device with room
     s = int(np.argmax(p))
     hot = [int(e) for e in np.argsort(-q, kind="stable")[:2]]
-    hot += [int(e) for e in np.flatnonzero(st.x[:, s]) if e not in hot]  # and the straggler's experts
-    for e in hot:
-        ok = (free > 0) & ~st.x[e]
-        if ok.any():
-            g = int(np.flatnonzero(ok)[np.argmin(p[ok])])
+    on_s = np.flatnonzero(st.x[:, s])
+    hot += [int(e) for e in on_s if e not in hot]  # and the straggler's experts
+    # the least busy device with room and no replica yet, for several experts at once (first of equals)
+    room = free > 0
+
+    def target(es):
+        ok = room[None, :] & ~st.x[es]
+        return np.where(ok, p[None, :], np.inf).argmin(axis=1), ok.any(axis=1)
+
+    gs, has = target(np.array(hot))
+    for e, g, h in zip(hot, gs.tolist(), has.tolist()):
+        if h:
             row = st.x[e].copy()
             row[g] = True
             out.append((e, row, st.owner[e]))
@@ -173,10 +180,9 @@ def _candidates(st: _State):
         own = st.owner[e] if st.owner[e] != g else int(np.flatnonzero(row)[np.argmin(p[row])])
         out.append((e, row, own))
     # migrate a replica off the straggler to the least busy device with room
-    for e in np.flatnonzero(st.x[:, s]):
-        ok = (free > 0) & ~st.x[e]
-        if ok.any():
-            g = int(np.flatnonzero(ok)[np.argmin(p[ok])])
+    gs, has = target(on_s)
+    for e, g, h in zip(on_s.tolist(), gs.tolist(), has.tolist()):
+        if h:
             row = st.x[e].copy()
             row[s], row[g] = False, True
             own = g if st.owner[e] == s else st.owner[e]
