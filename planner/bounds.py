@@ -116,7 +116,7 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     c = np.where(np.isfinite(c), c, 0.0)  # a lone device sends nothing
     C = counts.sum(axis=1)
     srt = -np.sort(-counts, axis=1)
-    smax = int(cluster.slots.max())
+    smax = min(int(cluster.slots.max()), srt.shape[1])  # fewer experts than slots: all of them
     K = (srt[:, :smax] * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
     N = float(counts.sum())
     best = _balance(np.ones(G), lat, b, unit * c, C, K, N)
