@@ -161,14 +161,16 @@ def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarr
     from the owner; a moved owner takes the optimizer state from the old owner.
     """
     nodes = cluster.node_of
-    out = []
-    for e, g in zip(*np.nonzero(new_x & ~old_x)):
-        holders = np.flatnonzero(old_x[e])
-        near = holders[nodes[holders] == nodes[g]]
-        src = int(near[0]) if len(near) else int(old_owner[e])
-        out.append((int(e), src, int(g), "weights", cluster.expert.param_bytes))
-    for e in np.flatnonzero(np.asarray(new_owner) != np.asarray(old_owner)):
-        out.append((int(e), int(old_owner[e]), int(new_owner[e]), "optimizer", cluster.expert.optimizer_bytes))
+    old_x, new_x = np.asarray(old_x, bool), np.asarray(new_x, bool)
+    old_owner, new_owner = np.asarray(old_owner), np.asarray(new_owner)
+    es, gs = np.nonzero(new_x & ~old_x)
+    # the first old holder on the new replica's node, else the old owner (vectorised)
+    near = old_x[es] & (nodes[None, :] == nodes[gs][:, None])
+    src = np.where(near.any(axis=1), near.argmax(axis=1), old_owner[es])
+    pb, ob = cluster.expert.param_bytes, cluster.expert.optimizer_bytes
+    out = [(e, s_, g, "weights", pb) for e, s_, g in zip(es.tolist(), src.tolist(), gs.tolist())]
+    out += [(e, int(old_owner[e]), int(new_owner[e]), "optimizer", ob)
+            for e in np.flatnonzero(new_owner != old_owner).tolist()]
     return out
 
 
@@ -178,11 +180,15 @@ def migration_time(cluster: Cluster, transfers: list[tuple[int, int, int, str, i
     if not transfers:
         return 0.0
     n = cluster.num_devices
+    src = np.fromiter((t[1] for t in transfers), dtype=np.int64, count=len(transfers))
+    dst = np.fromiter((t[2] for t in transfers), dtype=np.int64, count=len(transfers))
+    b = np.fromiter((t[4] for t in transfers), dtype=np.float64, count=len(transfers))
     nbytes = np.zeros((n, n))
+    np.add.at(nbytes, (src, dst), b)
     latency = np.zeros(n)
-    for _, src, dst, _, b in transfers:
-        nbytes[src, dst] += b
-        latency[[src, dst]] += cluster.alpha[src, dst]
+    alpha = cluster.alpha[src, dst]
+    np.add.at(latency, src, alpha)
+    np.add.at(latency, dst, alpha)
     si, ri, so, ro = port_time(cluster, nbytes)
     return float((np.maximum(si, ri) + np.maximum(so, ro) + latency).max())
 

@@ -57,7 +57,8 @@ def run_case(name, cluster, loads, solvers, budget, workers):
             rows[s].append({"balance": i["balance"], "ratio": i["step_time_s"] / i["lower_bound"],
                             "objective": i["objective"], "moves": len(moves), "time": i["solve_time_s"],
                             "model_gap": i.get("model_gap"), "gap": i["gap"], "returned": i.get("returned"),
-                            "fallback": i.get("fallback", False)})
+                            "fallback": i.get("fallback", False), "counts": counts, "current": cur,
+                            "plan": (lp.replicas(), lp.shares(), lp.owner)})
     print(f"\n== {name}: {len(loads)} layer instances, ILP budget {budget:g} s, {workers} worker(s)")
     print(f"{'solver':>11} {'balance med':>11} {'(max)':>6} {'step/LB med':>11} {'moves med':>9} "
           f"{'solve ms med':>12} {'(max)':>8}  notes")
@@ -70,7 +71,9 @@ def run_case(name, cluster, loads, solvers, budget, workers):
         elif s == "ilp":
             gaps = [x["model_gap"] for x in r if x["model_gap"] is not None]
             ret = [x["returned"] for x in r]
-            note = (f"model gap med {np.median(gaps) * 100:.1f}% max {max(gaps) * 100:.1f}%; returned ilp "
+            pg = [x["gap"] for x in r]
+            note = (f"proven gap (valid bound) med {np.median(pg) * 100:.1f}% p90 {np.percentile(pg, 90) * 100:.1f}%; "
+                    f"model gap med {np.median(gaps) * 100:.1f}% max {max(gaps) * 100:.1f}%; returned ilp "
                     f"{ret.count('ilp')}/{len(ret)}, hint {ret.count('hint')}, fallback "
                     f"{sum(x['fallback'] for x in r)}") if gaps else "no model gap"
         print(f"{s:>11} {med('balance'):>11.3f} {max(x['balance'] for x in r):>6.2f} {med('ratio'):>11.3f} "
@@ -87,9 +90,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer instances")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--offline", type=float, default=0.0, metavar="SECONDS",
+                    help="also solve each real instance offline with this budget (experiments/offline.py) "
+                         "and print every policy's distance to the proven bound")
+    ap.add_argument("--only-real", action="store_true", help="skip the synthetic cluster shapes")
+    ap.add_argument("--skip-real", action="store_true", help="skip the real-trace excerpt")
     args = ap.parse_args(argv)
     cluster = preset("dgx-a100-2x8", slots=3)
-    real = smartmoe(args.quick)
+    real = [] if args.skip_real else smartmoe(args.quick)
     if real:
         r2 = run_case("SmartMoE GPT-MoE excerpt: 32 experts, 16 dev x 3 slots", cluster, real,
                       SOLVERS + ("ilp/balance",), 2.0, args.workers)
@@ -106,14 +114,53 @@ def main(argv=None):
               f"(goal <= 1.05); EPLB balance {min(x['balance'] for x in r1['eplb']):.2f} to "
               f"{max(x['balance'] for x in r1['eplb']):.2f}")
         print(f"   objective balance: ILP median balance {np.median([x['balance'] for x in r1['ilp/balance']]):.3f}")
+        if args.offline > 0:
+            offline_table(cluster, r1, args.offline, args.workers)
     else:
         print(f"(no {SMARTMOE}: the real-trace case is skipped)")
+    if args.only_real:
+        return
     for name, c, loads in cases(args.quick):
         c.inv_beta  # build the cluster's cached matrices outside the timed solves
         rows = run_case(name, c, loads, SOLVERS, 2.0, args.workers)
         if name.startswith("256"):
-            print(f" GOAL greedy < 50 ms per layer here: median "
+            print(f" GOAL greedy <= 10 ms per layer here: median "
                   f"{np.median([x['time'] for x in rows['greedy']]) * 1e3:.1f} ms")
+            ilp_t = [x["time"] for x in rows["ilp"]]
+            print(f" ILP wall per layer (budget 2 s): median {np.median(ilp_t):.2f} s, max {max(ilp_t):.2f} s")
+            parallel_layers(c, loads)
+
+
+def parallel_layers(cluster, loads):
+    """make_plan over all layers in one process and in worker processes (planner.solve)."""
+    import time
+    from planner.solve import make_plan
+    stack = np.stack(loads)
+    for p in (1, 2):
+        t = time.perf_counter()
+        make_plan(cluster, stack, solver="greedy", processes=p)
+        t = time.perf_counter() - t
+        print(f" make_plan greedy, {len(loads)} layers, {p} process(es): {t * 1e3:.0f} ms "
+              f"({t / len(loads) * 1e3:.1f} ms per layer)")
+
+
+def offline_table(cluster, rows, budget, workers):
+    """Per instance: the offline best plan and bound, and each policy's distance to it."""
+    from experiments.offline import solve_instance
+    print(f"\n== offline, {budget:g} s per instance, {workers} worker(s): distance to the proven bound")
+    print(f"{'inst':>4} {'bound ms':>9} {'best ms':>8} {'best from':>14} {'offline':>8} {'ilp 1s':>7} "
+          f"{'greedy':>7} {'eplb':>7} {'wall s':>7}")
+    out = []
+    for i, r in enumerate(rows["ilp"]):
+        f = solve_instance(cluster, r["counts"], r["current"], 50, budget, workers, known={"ilp": r["plan"]})
+        out.append(f)
+        print(f"{i:>4} {f['offline_bound_s'] * 1e3:>9.3f} {f['offline_best_s'] * 1e3:>8.3f} "
+              f"{f['offline_best_from']:>14} {f['offline_gap'] * 100:>7.1f}% {f['offline_ilp_gap'] * 100:>6.1f}% "
+              f"{f['offline_greedy_gap'] * 100:>6.1f}% {f['offline_eplb_gap'] * 100:>6.1f}% {f['offline_wall_s']:>7.1f}")
+    for k, name in (("offline_gap", "offline best"), ("offline_ilp_gap", "online ILP 1 s"),
+                    ("offline_greedy_gap", "greedy"), ("offline_eplb_gap", "EPLB")):
+        g = np.array([f[k] for f in out]) * 100
+        print(f" {name:>15}: median {np.median(g):.1f}%, p90 {np.percentile(g, 90):.1f}%, max {g.max():.1f}%")
 
 
 if __name__ == "__main__":

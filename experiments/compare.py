@@ -201,18 +201,26 @@ def write_report(out_dir: str | os.PathLike, results: list[ReplayResult], settin
     rows = summary_rows(results)
     opt = optimality(results)
     replans = [rec for r in results for rec in r.replans]
+    # the offline mode (experiments/offline.py) adds columns, a report section and a figure
+    from experiments import offline
+    off = offline.summary(replans)
+    fields = REPLAN_FIELDS + (offline.FIELDS if off else [])
     texts = {"summary.csv": _csv(rows), "steps.csv": _csv(step_rows(results)),
-             "replans.csv": _csv(replans, REPLAN_FIELDS)}
+             "replans.csv": _csv(replans, fields)}
     images = {}
     if figures:
         from experiments.figures import render_all
         images = render_all(results, rows)  # name -> PNG bytes, rendered before anything is written
+        if off:
+            images["offline_gaps.png"] = offline.figure(replans)
     texts["report.md"] = report_markdown(rows, opt, setting, list(images))
+    if off:
+        texts["report.md"] += "\n" + offline.markdown(off, setting.get("offline_budget", 0.0))
     blobs = {name: text.encode() for name, text in texts.items()} | images
     with atomic_paths(*(out_dir / name for name in blobs)) as tmps:  # the whole report, or none of it
         for tmp, data in zip(tmps, blobs.values()):
             tmp.write_bytes(data)
-    return {"rows": rows, "optimality": opt, "files": sorted(texts) + sorted(images)}
+    return {"rows": rows, "optimality": opt, "offline": off, "files": sorted(texts) + sorted(images)}
 
 
 def describe(trace: Trace, cluster: Cluster) -> tuple[str, str]:

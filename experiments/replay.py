@@ -245,7 +245,8 @@ INFO_KEYS = ("solver", "status", "objective", "step_time_s", "migration_s", "low
 
 
 def _info(info: dict) -> dict:
-    return {k: info.get(k) for k in INFO_KEYS}
+    # plus the offline mode's numbers when a plan carries them (experiments/offline.py)
+    return {**{k: info.get(k) for k in INFO_KEYS}, **{k: v for k, v in info.items() if k.startswith("offline_")}}
 
 
 def trace_stride(trace: Trace) -> int:

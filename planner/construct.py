@@ -79,9 +79,17 @@ def wrap_tokens(load_arr: np.ndarray, a: np.ndarray, b: np.ndarray, slots: np.nd
     load, a, b, slots = load_arr.tolist(), np.asarray(a).tolist(), np.asarray(b).tolist(), np.asarray(slots).tolist()
     best = None
     k = int(max(slots))
-    for light in sorted(set(lights if lights is not None else {0, 1, k // 2, k - 1}) & set(range(k))):
-        hi = lb
-        found = _wrap(load, order, a, b, slots, hi, light)
+    # most light items first (usually the best), and a light count that cannot beat the best
+    # target so far, less the search's tolerance, is dropped after that one trial
+    for light in sorted(set(lights if lights is not None else {0, 1, k // 2, k - 1}) & set(range(k)), reverse=True):
+        if best is not None:
+            hi = best[0] * (1 - SEARCH_TOLERANCE)
+            found = _wrap(load, order, a, b, slots, hi, light)
+            if found is None:
+                continue
+        else:
+            hi = lb
+            found = _wrap(load, order, a, b, slots, hi, light)
         while found is None and hi < 1e6 * (lb + 1.0):
             hi *= 2.0
             found = _wrap(load, order, a, b, slots, hi, light)
@@ -361,3 +369,39 @@ def spread_owners(cluster: Cluster, x: np.ndarray, base: np.ndarray, owner: np.n
         sync[best] += cost[f, best].sum()
         owner[e] = best
     return owner
+
+
+def from_nodes(cluster: Cluster, counts: np.ndarray, tokens: np.ndarray, owner_node: np.ndarray):
+    """A device plan from a node-level one (`tokens[e, k]` each node serves, `owner_node[e]`):
+    `pack_node` inside each node, counting the weight sync of experts served on several nodes;
+    the owner is the replica on the owner node with the most tokens. (x, share, owner)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
+    load = counts.sum(axis=0)
+    E, G = len(load), cluster.num_devices
+    a, b, slots = cluster.compute_a, cluster.compute_b, cluster.slots
+    host = tokens > 1e-9 * max(load.max(), 1.0)
+    host[np.arange(E), owner_node] = True  # the owner node keeps a replica
+    sync_s = SYNC_PHASES * cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
+    cross = host.sum(axis=1) > 1
+    x = np.zeros((E, G), dtype=bool)
+    tok = np.zeros((E, G))
+    for k in range(host.shape[1]):
+        devs = np.flatnonzero(node == k)
+        ex = np.flatnonzero(host[:, k])
+        if not len(ex):
+            continue
+        if len(ex) > slots[devs].sum():
+            return None
+        sx, sy = pack_node(tokens[ex, k], np.where(cross[ex], sync_s, 0.0), a[devs], b[devs], slots[devs])
+        x[np.ix_(ex, devs)] = sx
+        tok[np.ix_(ex, devs)] = sy
+    if not x.any(axis=1).all():
+        return None
+    share = np.where(load[:, None] > 0, tok / np.maximum(load[:, None], 1e-300), x / np.maximum(x.sum(1, keepdims=True), 1))
+    share = np.where(x, share, 0.0)
+    share = share / np.maximum(share.sum(axis=1, keepdims=True), 1e-300)
+    share = np.where(share.sum(axis=1, keepdims=True) > 0, share, x / np.maximum(x.sum(1, keepdims=True), 1))
+    owner = np.array([int(np.flatnonzero(x[e] & (node == owner_node[e]))[np.argmax(tok[e, x[e] & (node == owner_node[e])])])
+                      if (x[e] & (node == owner_node[e])).any() else int(np.flatnonzero(x[e])[0]) for e in range(E)])
+    return x, share, owner

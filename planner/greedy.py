@@ -54,6 +54,12 @@ class _State:
         self.tok = (self.x * (load / self.r)[:, None]).sum(axis=0)
         self.n = self.x.sum(axis=0)
         es = np.arange(len(load))
+        self.last = None
+        # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
+        # and what a new replica of e on g costs to copy (from its node if the expert is there)
+        self.sync_to = SYNC_PHASES * self.P * self.invb.T
+        near = (x0 @ self.onehot)[:, self.node] > 0
+        self.copy_s = self.P * np.where(near, self.inv_intra, self.invb[owner0])
         self.sync_e, self.mig_e, self.a2a_e = self._rows(es, self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
         self.sync, self.mig, self.a2a_parts = self.sync_e.sum(0), self.mig_e.sum(0), self.a2a_e.sum(0)
 
@@ -66,14 +72,12 @@ class _State:
         rows = np.asarray(rows, bool)
         rf = rows.astype(np.float64)
         # sync: each follower and its owner pay a replica's bytes per phase over their link
-        f = SYNC_PHASES * rf * self.invb[:, owners].T * self.P
+        f = rf * self.sync_to[owners]
         f[k, owners] = 0.0
         f[k, owners] = f.sum(axis=1)
         # migration: new replicas copy from the same node if the expert is there, else from the owner
-        new = rows & ~self.x0[es]
-        near = (self.x0[es] @ self.onehot)[:, self.node] > 0
+        mig = np.where(rows & ~self.x0[es], self.copy_s[es], 0.0)
         src = self.owner0[es]
-        mig = self.P * np.where(new, np.where(near, self.inv_intra, self.invb[src]), 0.0)
         moved = owners != src
         mig[k[moved], owners[moved]] += self.c.expert.optimizer_bytes * self.invb[src[moved], owners[moved]]
         # all-to-all, routed as the estimator routes: own device, own node, then other nodes
@@ -109,6 +113,7 @@ class _State:
         dt = (rows * (self.load[es] / rows.sum(axis=1))[:, None]
               - self.x[es] * (self.load[es] / self.r[es])[:, None])
         s, m, a2a = self._rows(es, rows, owners)
+        self.last = (cands, s, m, a2a)  # `apply` reuses the rows of the candidate it is given
         p = (self.a * (self.n + rows - self.x[es]) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
              + self._a2a(self.a2a_parts[None] - self.a2a_e[es] + a2a))
         return p.max(axis=1) + (self.mig - self.mig_e[es] + m).max(axis=1) / self.interval
@@ -117,7 +122,16 @@ class _State:
         r_new = row.sum()
         self.tok += row * (self.load[e] / r_new) - self.x[e] * (self.load[e] / self.r[e])
         self.n += row.astype(np.int64) - self.x[e]
-        (s,), (m,), (a2a,) = self._rows(np.array([e]), row[None, :], np.array([own]))
+        s = None
+        if self.last is not None:  # the last trials' rows for this very change, if it was among them
+            cands, ss, mm, aa = self.last
+            for i, (ce, crow, cown) in enumerate(cands):
+                if ce == e and cown == own and crow is row:
+                    s, m, a2a = ss[i], mm[i], aa[i]
+                    break
+        self.last = None
+        if s is None:
+            (s,), (m,), (a2a,) = self._rows(np.array([e]), row[None, :], np.array([own]))
         self.sync += s - self.sync_e[e]
         self.mig += m - self.mig_e[e]
         self.a2a_parts += a2a - self.a2a_e[e]
@@ -140,11 +154,18 @@ def _candidates(st: _State):
     # expand the expert with the highest load per replica onto the least busy device with room
     s = int(np.argmax(p))
     hot = [int(e) for e in np.argsort(-q, kind="stable")[:2]]
-    hot += [int(e) for e in np.flatnonzero(st.x[:, s]) if e not in hot]  # and the straggler's experts
-    for e in hot:
-        ok = (free > 0) & ~st.x[e]
-        if ok.any():
-            g = int(np.flatnonzero(ok)[np.argmin(p[ok])])
+    on_s = np.flatnonzero(st.x[:, s])
+    hot += [int(e) for e in on_s if e not in hot]  # and the straggler's experts
+    # the least busy device with room and no replica yet, for several experts at once (first of equals)
+    room = free > 0
+
+    def target(es):
+        ok = room[None, :] & ~st.x[es]
+        return np.where(ok, p[None, :], np.inf).argmin(axis=1), ok.any(axis=1)
+
+    gs, has = target(np.array(hot))
+    for e, g, h in zip(hot, gs.tolist(), has.tolist()):
+        if h:
             row = st.x[e].copy()
             row[g] = True
             out.append((e, row, st.owner[e]))
@@ -159,10 +180,9 @@ def _candidates(st: _State):
         own = st.owner[e] if st.owner[e] != g else int(np.flatnonzero(row)[np.argmin(p[row])])
         out.append((e, row, own))
     # migrate a replica off the straggler to the least busy device with room
-    for e in np.flatnonzero(st.x[:, s]):
-        ok = (free > 0) & ~st.x[e]
-        if ok.any():
-            g = int(np.flatnonzero(ok)[np.argmin(p[ok])])
+    gs, has = target(on_s)
+    for e, g, h in zip(on_s.tolist(), gs.tolist(), has.tolist()):
+        if h:
             row = st.x[e].copy()
             row[s], row[g] = False, True
             own = g if st.owner[e] == s else st.owner[e]

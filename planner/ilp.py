@@ -251,6 +251,11 @@ def _node_flows(m, inst: _Inst, x, y, l):
     return out, z
 
 
+def _free_links(cluster: Cluster) -> bool:
+    """Links cost nothing: no all-to-all, sync or migration time, compute alone counts."""
+    return bool((cluster.alpha == 0).all() and (cluster.inv_beta < 1e-24).all())
+
+
 def _limit(params, seconds: float, reproducible: bool) -> None:
     """The reproducible mode stops on deterministic time (same seed, same plan), wall time being
     only a safety net; otherwise the budget is wall time."""
@@ -266,9 +271,10 @@ def _gap(obj, bound):
     return float(obj / bound - 1.0) if bound > 0 else 0.0
 
 
-def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
+def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int, extra=()):
     """Candidate warm starts, best first by the estimator: greedy, EPLB, wrap-around, and the
-    node-aware constructions where the greedy did not already weigh them."""
+    node-aware constructions where the greedy did not already weigh them; `extra`: more
+    (name, x, share, owner) candidates (the offline mode's)."""
     load = counts.sum(axis=0)
     gx, gs, go, ginfo = greedy(cluster, counts, current, interval=interval)
     cands = [("greedy", gx, gs, go)]
@@ -276,6 +282,7 @@ def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
     cands.append(("eplb", ex, es, pick_owner(cluster, ex, es, current)))
     mx, ms = mcnaughton(cluster, load)
     cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
+    cands += list(extra)
     if not any(k.startswith("nodes+") for k in ginfo.get("candidates", {})):
         for name, hx, hs in hierarchical(cluster, counts):  # the greedy skipped them (too large)
             own = pick_owner(cluster, hx, hs, current)
@@ -287,7 +294,7 @@ def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int):
 
 
 def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, time_budget: float = 1.0,
-        workers: int = 1, seed: int = 0, interval: int = 50, reproducible: bool = False):
+        workers: int = 1, seed: int = 0, interval: int = 50, reproducible: bool = False, extra_hints=()):
     """(x, share, owner, info). Falls back to the greedy plan if the solver returns no solution.
 
     `time_budget` is wall-clock seconds for the whole call, hints included. `reproducible`: one
@@ -298,7 +305,7 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
     if not time_budget > 0:
         raise InputError(f"the time budget must be positive seconds, got {time_budget}")
     t0 = time.perf_counter()
-    ranked, ginfo = hints(cluster, counts, current, interval)
+    ranked, ginfo = hints(cluster, counts, current, interval, extra_hints)
     (hname, hx, hs, ho), hobj = ranked[0]
     greedy_plan = next(c for c, _ in ranked if c[0] == "greedy")
     # the reproducible mode's budget must not depend on the wall clock
@@ -314,7 +321,9 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
         status, x, share, owner, obj, bound, extra = _solve(inst, hx, hs, ho, left, workers, seed, reproducible)
         info.update(status=status.lower(), decomposed=False, **extra)
         if x is not None:
-            info.update(model_objective_s=obj, bound_s=bound)
+            # on free links (compute alone) the model is the estimator, up to block rounding; with
+            # links, owners and routing it is not, and its bound is reported apart (planner.score)
+            info.update(model_objective_s=obj, bound_s=bound, bound_valid=_free_links(cluster))
     else:
         status, x, share, owner, extra = _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval,
                                                   left, workers, seed, reproducible)

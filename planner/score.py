@@ -13,6 +13,7 @@ import numpy as np
 from cost_models.cluster import Cluster
 from cost_models.estimator import estimate, fold_sources, lower_bound, migration_time, migration_transfers
 from cost_models.files import InputError
+from planner import bounds
 from planner.plan import LayerPlan
 
 EPS = 1e-12
@@ -99,10 +100,15 @@ def finish(cluster: Cluster, counts, x, share, owner, current, interval, layer_i
     lb = lower_bound(cluster, counts)
     obj = est.step_time + mig
     info = dict(info)
-    # a solver's proven bound is for its own model; it counts only where it does not exceed
-    # the estimator's objective (the model linearises the estimator, it is not the estimator)
+    # the reported bound is the max of valid ones (planner/bounds.py); a solver's bound counts only
+    # where the solver says it is valid for the estimator's objective (`bound_valid`): the ILP's
+    # model fixes owners and linearises routing, so its bound is kept apart as `model_bound_s`
     model_bound = info.pop("bound_s", None)
-    bound = max(lb, model_bound) if model_bound is not None and model_bound <= obj else lb
+    if model_bound is not None:
+        info["model_bound_s"] = model_bound
+    bound = max(lb, bounds.quick_bound(cluster, counts))
+    if info.pop("bound_valid", False) and model_bound is not None:
+        bound = max(bound, min(model_bound, obj))
     info.update(objective=obj, step_time_s=est.step_time, migration_s=mig, lower_bound=lb,
                 gap=obj / bound - 1.0 if bound > 0 else 0.0, balance=est.balance, proven_bound_s=bound)
     info.setdefault("status", "heuristic")

@@ -180,3 +180,15 @@ def test_balance_objective_plans_compute_alone_and_reports_the_real_step():
     assert timed.info["objective_kind"] == "time" and timed.info["step_time_s"] <= real.step_time * (1 + 1e-9)
     with pytest.raises(InputError, match="unknown objective"):
         plan_layer(c, counts, solver="greedy", objective="speed")
+
+
+def test_make_plan_in_processes_gives_the_same_plans():
+    from planner.solve import make_plan
+    from tests.planner_helpers import make_cluster, spread
+    cluster = make_cluster(nodes=2, per_node=2, slots=2, fast=False)
+    loads = np.stack([spread(np.arange(1, 7) * (7 - k) * 10, 4, seed=k) for k in range(4)])
+    one = make_plan(cluster, loads, solver="greedy")
+    two = make_plan(cluster, loads, solver="greedy", processes=2)
+    for a, b in zip(one.layers, two.layers):
+        assert (a.assign == b.assign).all() and np.allclose(a.share, b.share) and (a.owner == b.owner).all()
+        assert a.layer_id == b.layer_id

@@ -44,6 +44,10 @@ def compare_cmd(
         figures: Annotated[bool, typer.Option("--figures/--no-figures", help="write PNG figures")] = True,
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars (only on a "
                                                                                "terminal)")] = True,
+        offline_budget: Annotated[float, typer.Option(help="offline mode: at each ILP re-plan, also search "
+                                                           "this many seconds for the best plan and a proven "
+                                                           "bound, and report every policy's distance to it "
+                                                           "(0: off)")] = 0.0,
 ) -> None:
     """Replay a routing trace under each policy, planning from the past only, and compare estimated
     step time (ms), speed-up over static, balance, dropped tokens, migration and planner time.
@@ -59,6 +63,7 @@ def compare_cmd(
     finite_number(trigger, "--trigger", None, minimum=0.0, maximum=1e6)
     finite_number(ema, "--ema", None, positive=True, maximum=1.0)
     finite_number(time_budget, "--time-budget", None, positive=True, maximum=86400.0)
+    finite_number(offline_budget, "--offline-budget", None, minimum=0.0, maximum=86400.0)
     finite_number(capacity_factor, "--capacity-factor", None, positive=True, maximum=1e6)
     check_outputs({"--output": output}, inputs=[cluster, trace], directories=["--output"])
     c = Cluster.load(cluster)
@@ -78,8 +83,15 @@ def compare_cmd(
     pols = make_policies(names, dispatch=dispatch, interval=interval, trigger=trigger or None, predictor=predictor, window=window,
                          ema=ema, time_budget=time_budget, workers=workers, seed=seed,
                          capacity_factor=capacity_factor)
-    results = run_all(t, c, pols, stride=stride or None, progress=console.progress(progress))
+    kw = {}
+    if offline_budget:
+        from experiments.offline import offline_plan_fn
+        if "ilp" not in names:
+            raise InputError("--offline-budget compares against the ILP's re-plans: add ilp to --policies")
+        kw["plan_fn"] = offline_plan_fn(offline_budget, max(workers, 1))
+    results = run_all(t, c, pols, stride=stride or None, progress=console.progress(progress), **kw)
     setting = setting_of(trace, cluster, t, c, pols[0], stride or None)
+    setting["offline_budget"] = offline_budget
     written = write_report(output, results, setting, figures=figures)
     console.table(f"{setting['trace_desc']}\non {setting['cluster_desc']}")
     console.table(text_table(written["rows"]))
@@ -90,6 +102,12 @@ def compare_cmd(
                    f"(mean {opt['greedy_over_ilp_mean_pct']:.1f}%), "
                    f"at most {opt['greedy_over_bound_max_pct']:.1f}% above the proven bound; "
                    f"ILP fallbacks {opt['ilp_fallbacks']}")
+    off = written.get("offline")
+    if off:
+        console.table(f"offline ({offline_budget:g} s per instance, {off['replans']} re-plans): distance to the "
+                      "proven bound, median / p90: " + ", ".join(
+                          f"{p} {off[p]['median']:.1f}% / {off[p]['p90']:.1f}%"
+                          for p in ("offline", "ilp", "greedy", "eplb") if p in off))
     console.table("planner time is wall clock, off the critical path: not added to step time\n" + console.BALANCE)
     best = min(written["rows"], key=lambda r: (r["dropped_pct"] > 0, r["mean_step_ms"]))
     console.summary(f"wrote {output}/ ({len(written['files'])} files): fastest without dropping tokens: "

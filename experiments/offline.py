@@ -1,0 +1,216 @@
+"""Offline mode of the comparison: per re-plan, the best plan a large budget finds, its proven
+bound, and how far greedy, EPLB and the online ILP are from that bound.
+
+`flexmoe compare --offline-budget SECONDS` wraps the replay's planner (`offline_plan_fn`): at each
+re-plan of the ILP policy, on the very inputs the online ILP got (predicted loads, placement in
+force, interval), it also runs greedy and EPLB, then spends the budget on
+1. the node-level relaxation (`planner.bounds.NodeRelaxation`): a proven bound, and a node plan
+   that `planner.construct.from_nodes` turns into device plans;
+2. `polish` on every plan known: owners re-picked, shares from the relaxation's LP;
+3. the CP-SAT ILP hinted with the best plan known, those included, and its result polished;
+and reports the best plan's objective, the best valid bound (the max of the cheap bounds and the
+relaxation's), and every policy's distance to that bound (objective / bound - 1), in `info`
+under `offline_*` keys that the replay copies into `replans.csv`.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+
+from cost_models.estimator import estimate
+from planner import bounds
+from planner.construct import from_nodes, spread_owners
+from planner.score import check_inputs, finish, objective, pick_owner
+
+POLICIES = ("greedy", "eplb", "ilp")  # distances reported per re-plan
+FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from", "offline_relaxation",
+          "offline_wall_s"] + [f"offline_{p}_gap" for p in POLICIES]
+
+
+def solve_instance(cluster, counts, current, interval: int, budget: float, workers: int = 2,
+                   known: dict | None = None, seed: int = 0) -> dict:
+    """Best plan and proven bound for one layer instance within about `budget` seconds.
+
+    `known`: name -> (x, share, owner) plans already made (the online ILP's): scored, used as
+    incumbents and hints. Returns objectives per policy, the best, the bound and the gaps."""
+    from planner.baselines import eplb
+    from planner.greedy import greedy
+    from planner.ilp import ilp
+    t0 = time.perf_counter()
+    counts = check_inputs(cluster, counts, current, "ilp", interval)
+    load = counts.sum(axis=0)
+    plans = dict(known or {})
+    gx, gs, go, _ = greedy(cluster, counts, current, interval=interval)
+    plans["greedy"] = (gx, gs, go)
+    ex, es = eplb(load, cluster.slots, cluster.node_of)
+    plans["eplb"] = (ex, es, pick_owner(cluster, ex, es, current))
+    obj = {k: objective(cluster, counts, *p, current, interval) for k, p in plans.items()}
+    upper = min(obj.values())
+    floor = bounds.quick_bound(cluster, counts)
+    bound, status = floor, "none"
+    if cluster.num_nodes > 1:
+        # the node relaxation twice: without the per-expert local cuts (often proved quickly),
+        # then with them (tighter when proved); the max of valid bounds is valid
+        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper, local_cuts=False)
+        nb, sol, status = rel.solve(0.15 * budget)
+        bound = max(bound, nb)
+        strong = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper)
+        nb2, sol2, status2 = strong.solve(0.35 * budget)
+        if nb2 > nb:
+            bound, status = max(bound, nb2), status2
+        sol = sol2 if sol2 is not None else sol
+        if sol is not None:
+            made = from_nodes(cluster, counts, sol[3], sol[2])
+            if made is not None:
+                x, s, o = made
+                base = estimate(cluster, counts, x, s).total
+                for name, own in (("nodes", o), ("nodes/owners", spread_owners(cluster, x, base, o))):
+                    plans[name] = (x, s, own)
+                    obj[name] = objective(cluster, counts, x, s, own, current, interval)
+    # every plan so far polished (owners re-picked, shares from the relaxation's LP): candidates
+    # and hints; the policies' own objectives stay as they are
+    for name in list(plans):
+        x, s, o, v = polish(cluster, counts, current, interval, *plans[name], seconds=min(0.03 * budget, 5.0))
+        if v < obj[name] - 1e-12:
+            plans[name + "+polish"], obj[name + "+polish"] = (x, s, o), v
+    left = max(budget - (time.perf_counter() - t0), 0.05 * budget)
+    extra = [(k, *p) for k, p in plans.items() if k not in ("greedy", "eplb")]
+    x, s, o, info = ilp(cluster, counts, current, time_budget=left, workers=workers, seed=seed, interval=interval,
+                        extra_hints=extra)
+    lp = finish(cluster, counts, x, s, o, current, interval, 0, info)
+    plans["offline-ilp"] = (lp.replicas(), lp.shares(), lp.owner)
+    obj["offline-ilp"] = lp.info["objective"]
+    x, s, o, v = polish(cluster, counts, current, interval, *plans["offline-ilp"], seconds=min(0.03 * budget, 5.0))
+    if v < obj["offline-ilp"] - 1e-12:
+        plans["offline-ilp+polish"], obj["offline-ilp+polish"] = (x, s, o), v
+    best_name = min(obj, key=obj.get)
+    best = obj[best_name]
+    bound = min(bound, best)
+    out = {"offline_best_s": best, "offline_bound_s": bound, "offline_gap": best / bound - 1.0,
+           "offline_best_from": best_name, "offline_relaxation": status,
+           "offline_wall_s": time.perf_counter() - t0, "objectives": obj, "best_plan": plans[best_name]}
+    for p in POLICIES:
+        if p in obj:
+            out[f"offline_{p}_gap"] = obj[p] / bound - 1.0
+    return out
+
+
+def offline_plan_fn(budget: float, workers: int = 2, base=None):
+    """A replay `plan_fn`: the usual plan, and for the ILP policy's re-plans the offline solve on
+    the same inputs, its numbers added to the plan's `info` (`offline_*`)."""
+    if not budget > 0:
+        from cost_models.files import InputError
+        raise InputError(f"the offline budget must be positive seconds, got {budget}")
+    if base is None:
+        from planner.solve import plan_layer as base
+
+    def plan_fn(cluster, counts, current, *, solver, **kw):
+        lp = base(cluster, counts, current, solver=solver, **kw)
+        if solver != "ilp":
+            return lp
+        found = solve_instance(cluster, counts, current, kw.get("interval", 50), budget, workers,
+                               known={"ilp": (lp.replicas(), lp.shares(), lp.owner)}, seed=kw.get("seed", 0))
+        lp.info.update({k: v for k, v in found.items() if k.startswith("offline_")})
+        return lp
+    return plan_fn
+
+
+def summary(replans: list[dict]) -> dict | None:
+    """Distribution of the distance to the offline bound per policy, over the re-plans that have it."""
+    recs = [r for r in replans if r.get("offline_bound_s")]
+    if not recs:
+        return None
+    out = {"replans": len(recs), "wall_s_mean": float(np.mean([r["offline_wall_s"] for r in recs]))}
+    for p in ("offline",) + POLICIES:
+        key = "offline_gap" if p == "offline" else f"offline_{p}_gap"
+        g = np.array([r[key] for r in recs if r.get(key) is not None], dtype=float) * 100
+        if len(g):
+            out[p] = {"median": float(np.median(g)), "p90": float(np.percentile(g, 90)), "max": float(g.max()),
+                      "reach": float(np.median(100.0 / (1 + g / 100)))}
+    return out
+
+
+def markdown(s: dict | None, budget: float) -> str:
+    if not s:
+        return ""
+    lines = ["## Offline: distance to the proven optimum", "",
+             f"Over {s['replans']} re-plans of the ILP policy, each instance (the online ILP's inputs) solved "
+             f"again with {budget:g} s (mean wall {s['wall_s_mean']:.1f} s): the best plan found and a valid "
+             "lower bound (the max of the compute, traffic and node-relaxation bounds, `planner/bounds.py`). "
+             "Distance = objective / bound - 1: an upper bound on how far from the optimum a plan is.", "",
+             "| plan | median | p90 | worst | median fraction of the bound reached |", "|---|---|---|---|---|"]
+    names = {"offline": "offline best", "greedy": "greedy", "eplb": "EPLB", "ilp": "online ILP"}
+    for p in ("offline",) + POLICIES:
+        if p in s:
+            v = s[p]
+            lines.append(f"| {names[p]} | {v['median']:.1f}% | {v['p90']:.1f}% | {v['max']:.1f}% | "
+                         f"{v['reach']:.1f}% |")
+    lines += ["", "Per re-plan: `offline_*` columns of `replans.csv`.", ""]
+    return "\n".join(lines)
+
+
+def figure(replans: list[dict]) -> bytes | None:
+    """Box plot of each policy's distance to the offline bound over all re-plans (any number of
+    layers: one box per policy, not one line per layer)."""
+    recs = [r for r in replans if r.get("offline_bound_s")]
+    if not recs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data, labels = [], []
+    for p, label in (("offline", "offline best"), ("ilp", "online ILP"), ("greedy", "greedy"), ("eplb", "EPLB")):
+        key = "offline_gap" if p == "offline" else f"offline_{p}_gap"
+        g = [100 * r[key] for r in recs if r.get(key) is not None]
+        if g:
+            data.append(g)
+            labels.append(label)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.boxplot(data, whis=(5, 95), showfliers=True)
+    ax.set_xticks(range(1, len(labels) + 1), labels)
+    ax.set_ylabel("objective over proven bound - 1 (%)")
+    ax.set_title(f"distance to the proven optimum, {len(recs)} layer re-plans")
+    ax.grid(axis="y", alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def polish(cluster, counts, current, interval: int, x, share, owner, seconds: float = 10.0):
+    """Better shares and owners for a fixed placement, judged by the estimator: owners re-picked
+    one expert at a time among its replicas, then the shares the relaxation's LP (free routing,
+    `planner.bounds.Relaxation` with replicas and owners fixed) finds best. (x, share, owner, objective)."""
+    t0 = time.perf_counter()
+    x = np.asarray(x, bool)
+    owner = np.asarray(owner).copy()
+    best = objective(cluster, counts, x, share, owner, current, interval)
+    for e in np.flatnonzero(x.sum(axis=1) > 1):
+        for g in np.flatnonzero(x[e]):
+            if g == owner[e] or time.perf_counter() - t0 > seconds / 2:
+                continue
+            trial = owner.copy()
+            trial[e] = g
+            v = objective(cluster, counts, x, share, trial, current, interval)
+            if v < best - 1e-12:
+                best, owner = v, trial
+    rel = bounds.Relaxation(cluster, counts, current, interval, integer=False)
+    for e in range(x.shape[0]):
+        for g in range(x.shape[1]):
+            rel.x[e][g].SetBounds(float(x[e, g]), float(x[e, g]))
+            rel.o[e][g].SetBounds(float(owner[e] == g), float(owner[e] == g))
+    s = rel.solver
+    s.SetTimeLimit(int(max(seconds - (time.perf_counter() - t0), 0.1) * 1000))
+    from ortools.linear_solver import pywraplp
+    if s.Solve() == pywraplp.Solver.OPTIMAL:
+        y = np.array([[max(v.solution_value(), 0.0) for v in row] for row in rel.y])
+        from planner.score import clean_shares
+        sh = clean_shares(x, y)
+        v = objective(cluster, counts, x, sh, owner, current, interval)
+        if v < best:
+            return x, sh, owner, v
+    return x, share, owner, best

@@ -1,0 +1,523 @@
+"""Valid lower bounds on the planners' real objective: one home for every bound a plan reports.
+
+The objective (`planner.score.objective`) is the estimated step, the slowest device's compute +
+all-to-all + replica sync + latency, plus the amortised migration. Every bound here is valid for
+*any* placement, shares and owners: no plan the estimator scores can beat it.
+
+- `compute_bound`: perfect compute balance plus each device's all-to-all latency (a constant:
+  the estimator charges one latency per peer per phase whatever the placement).
+- `traffic_bound`: per device, the compute it must do combined with what it must send and
+  receive: a source keeps local at most what its slots can hold of its own tokens (its `slots`
+  largest counts), so the rest crosses a link; a device that serves more tokens than it keeps
+  receives the difference. Cheap (numpy), used in every plan's report.
+- `Relaxation`: a mixed-integer relaxation of the estimator (binary replicas `x` and owners `o`,
+  continuous tokens `y`, local tokens `l`, per-device intra/inter send and receive with per-node
+  and per-expert conservation of what crosses nodes, exact replica sync with owners, exact
+  migration of the rules in `estimator.migration_transfers`). Routing is free in the relaxation
+  (any flow, where the estimator uses a fixed rule), and link costs are each device's cheapest of
+  its class, so its optimum is at most the estimator's. Its LP relaxation is a floor
+  (`lp_bound`); solved as a MIP with a time limit (`solve`) its proven bound is the tight one and
+  its plan is a candidate. Cuts: a replica serves at most what a device computes within an upper
+  bound on the optimum (the best plan known), so hot experts need several replicas even in the LP.
+`best_bound` is the max of the valid bounds computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cost_models.cluster import Cluster
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES, fold_sources, lower_bound
+
+SAFETY = 1e-6  # relative: a solver's bound is shaved by this, for its tolerances
+
+
+def latency(cluster: Cluster) -> np.ndarray:
+    """Per-device all-to-all latency, seconds: one per peer per phase, whatever the placement."""
+    return A2A_PHASES * cluster.alpha.sum(axis=1)
+
+
+def _class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
+    """Cheapest seconds per byte from or to each device over each link class (inf when none)."""
+    invb = np.minimum(cluster.inv_beta, cluster.inv_beta.T)
+    inter = cluster.inter_mask
+    intra = ~inter & ~np.eye(cluster.num_devices, dtype=bool)
+    ci = np.where(intra, invb, np.inf).min(axis=1)
+    co = np.where(inter, invb, np.inf).min(axis=1)
+    return ci, co
+
+
+def compute_bound(cluster: Cluster, counts: np.ndarray) -> float:
+    """Perfect balance of compute plus the all-to-all latency each device pays anyway:
+    sum_g (T - lat_g) / b_g >= tokens + experts * min(a/b)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    a, b = cluster.compute_a, cluster.compute_b
+    lat = latency(cluster)
+    base = lower_bound(cluster, counts)
+    # T >= lat_g on every device too; the balance with latency is the larger when all pay it
+    with_lat = (counts.sum() + counts.shape[1] * (a / b).min() + (lat / b).sum()) / (1.0 / b).sum()
+    return float(max(base, with_lat, lat.max()))
+
+
+def _balance(weight, base, b, k, C, K, N, steps=50):
+    """Smallest T with shares t_i >= 0, sum t_i = N and, for every group i,
+    weight_i * T >= base_i + b_i t_i + k_i max(C_i - L_i, t_i - L_i), L_i = min(t_i, K_i) (the most a
+    group can keep local). The right side is convex piecewise linear in t_i (breakpoints K_i,
+    C_i), so each group's feasible t form an interval: bisection on T."""
+    n = len(weight)
+    pts = np.stack([np.zeros(n), K, np.maximum(C, K), np.full(n, float(N))], axis=1)
+    pts = np.maximum.accumulate(np.minimum(pts, N), axis=1)
+
+    def f(t):
+        L = np.minimum(t, K)
+        return (base + b * t + k * np.maximum(C - L, t - L)) / weight
+
+    vals = np.stack([f(pts[:, i]) for i in range(4)], axis=1)
+
+    p0, p1, v0, v1 = pts[:, :3], pts[:, 1:], vals[:, :3], vals[:, 1:]  # [n, 3] linear pieces
+    dv = v1 - v0
+
+    def feasible(T):
+        """Feasibility at each level of the array T: bool[len(T)]; all pieces in one pass."""
+        T = np.asarray(T, dtype=np.float64)[:, None, None]
+        ok0, ok1 = v0 <= T, v1 <= T  # [M, n, 3]
+        frac = np.divide(T - v0, dv, out=np.zeros(ok0.shape), where=dv != 0)
+        cross = p0 + np.clip(frac, 0.0, 1.0) * (p1 - p0)
+        lo = np.where(ok0, p0, np.where(ok1, cross, np.inf)).min(axis=2)
+        hi = np.where(ok1, p1, np.where(ok0, cross, -np.inf)).max(axis=2)
+        return (lo <= hi).all(axis=1) & (lo.sum(axis=1) <= N * (1 + 1e-12)) & (hi.sum(axis=1) >= N * (1 - 1e-12))
+
+    # a grid of levels per round instead of one bisection step: few numpy calls. `lo_t` stays
+    # infeasible (or 0), so it is a valid bound whatever the rounding.
+    lo_t, hi_t = 0.0, float(vals.max())
+    for _ in range(max(1, steps // 16)):
+        grid = np.linspace(lo_t, hi_t, 33)[1:]
+        ok = feasible(grid)
+        first = int(np.argmax(ok)) if ok.any() else len(grid) - 1
+        lo_t, hi_t = (float(grid[first - 1]) if first > 0 else lo_t), float(grid[first])
+    return lo_t
+
+
+def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
+    """Compute and what must cross links, balanced over devices and over nodes (the larger).
+
+    Per device g serving t tokens: it keeps local at most `L = min(t, K_g)` of its own tokens (K_g:
+    its `slots` largest counts), so it sends at least `C_g - L` and receives at least `t - L`, each
+    byte at its cheapest link, in each of the four all-to-all phases. Per node: the same with the
+    node's demand, its slots in total (it can host at most that many experts), the inter-node
+    links, and the node's devices' time added up (a node's sends over the slow links are at least
+    its outflow, however its devices share them)."""
+    counts = fold_sources(counts, cluster.num_devices)
+    G = cluster.num_devices
+    b, lat = cluster.compute_b, latency(cluster)
+    ci, co = _class_costs(cluster)
+    unit = A2A_PHASES * cluster.expert.token_bytes
+    c = np.minimum(ci, co)
+    c = np.where(np.isfinite(c), c, 0.0)  # a lone device sends nothing
+    C = counts.sum(axis=1)
+    srt = -np.sort(-counts, axis=1)
+    smax = min(int(cluster.slots.max()), srt.shape[1])  # fewer experts than slots: all of them
+    K = (srt[:, :smax] * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
+    N = float(counts.sum())
+    best = _balance(np.ones(G), lat, b, unit * c, C, K, N)
+    node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
+    nodes = int(node.max()) + 1
+    if nodes > 1 and np.isfinite(co).all() and np.allclose(b, b[0]):
+        onehot = np.eye(nodes)[node]  # [G, K]
+        D = onehot.T @ counts  # [K, E] node demand
+        slots = onehot.T @ cluster.slots
+        Ds = -np.sort(-D, axis=1)
+        KN = np.array([Ds[n, :int(slots[n])].sum() for n in range(nodes)])
+        # a node's devices' total time: sum_g (T - lat_g) >= b Y + 4 tb co max(out, in); co is each
+        # node's cheapest inter-node link
+        con = np.array([co[node == n].min() for n in range(nodes)])
+        best = max(best, _balance(onehot.sum(axis=0), onehot.T @ lat, np.full(nodes, b[0]), unit * con,
+                                  D.sum(axis=1), KN, N))
+    return float(best)
+
+
+def quick_bound(cluster: Cluster, counts: np.ndarray) -> float:
+    """The max of the cheap valid bounds: what every plan reports."""
+    return max(compute_bound(cluster, counts), traffic_bound(cluster, counts))
+
+
+class Relaxation:
+    """The estimator as a mixed-integer program with free routing (see the module notes).
+
+    Units: tokens in blocks of `U` (the layer's tokens / 1000), time in `tau` seconds (the compute
+    bound / 1000), so coefficients stay near 1. `upper`: seconds of a known plan (the best so far),
+    which caps what one replica can serve; bounds are then min(relaxation, upper), still valid."""
+
+    def __init__(self, cluster: Cluster, counts, current=None, interval: int = 50, upper: float | None = None,
+                 backend: str = "SCIP", integer: bool = True):
+        from ortools.linear_solver import pywraplp
+        counts = fold_sources(counts, cluster.num_devices)
+        self.cluster, self.counts, self.interval, self.upper = cluster, counts, interval, upper
+        G, E = cluster.num_devices, counts.shape[1]
+        self.G, self.E = G, E
+        N = max(float(counts.sum()), 1.0)
+        self.U = U = N / 1000.0
+        self.tau = tau = max(compute_bound(cluster, counts), 1e-12) / 1000.0
+        s = pywraplp.Solver.CreateSolver(backend if integer else "GLOP")
+        if s is None:
+            raise RuntimeError(f"OR-Tools has no {backend} solver here")
+        self.solver = s
+        inf = s.infinity()
+        a, b, lat = cluster.compute_a, cluster.compute_b, latency(cluster)
+        node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
+        K = int(node.max()) + 1
+        ci, co = _class_costs(cluster)
+        ci = np.where(np.isfinite(ci), ci, 0.0)
+        co = np.where(np.isfinite(co), co, 0.0)
+        tb, P = cluster.expert.token_bytes, cluster.expert.param_bytes
+        c = counts.T / U  # [E, G] blocks from each source
+        L = c.sum(axis=1)
+        cap = np.full(G, np.inf)
+        if upper is not None:
+            cap = np.maximum((upper - lat - a) / b, 0.0) / U
+        var = s.BoolVar if integer else (lambda name: s.NumVar(0, 1, name))
+        x = [[var("") for _ in range(G)] for _ in range(E)]
+        o = [[var("") for _ in range(G)] for _ in range(E)]
+        y = [[s.NumVar(0, float(min(L[e], cap[g])), "") for g in range(G)] for e in range(E)]
+        l = [[s.NumVar(0, float(min(c[e, g], L[e], cap[g])), "") for g in range(G)] for e in range(E)]
+        self.x, self.o, self.y = x, o, y
+        T = s.NumVar(0, inf, "T")
+        for e in range(E):
+            s.Add(sum(y[e]) == float(L[e]))
+            s.Add(sum(o[e]) == 1)
+            # replicas an expert needs if each serves at most `cap`
+            if np.isfinite(cap).all() and cap.max() > 0:
+                s.Add(sum(x[e]) >= float(np.ceil(L[e] / cap.max() - 1e-9)))
+            for g in range(G):
+                s.Add(y[e][g] <= float(min(L[e], cap[g])) * x[e][g])
+                s.Add(l[e][g] <= y[e][g])
+                s.Add(l[e][g] <= float(c[e, g]) * x[e][g])
+                s.Add(o[e][g] <= x[e][g])
+        for g in range(G):
+            s.Add(sum(x[e][g] for e in range(E)) <= int(cluster.slots[g]))
+        # all-to-all: per device send S = C - local, receive R = y - local, each split intra/inter
+        si = [s.NumVar(0, inf, "") for _ in range(G)]
+        so = [s.NumVar(0, inf, "") for _ in range(G)]
+        ri = [s.NumVar(0, inf, "") for _ in range(G)]
+        ro = [s.NumVar(0, inf, "") for _ in range(G)]
+        for g in range(G):
+            s.Add(si[g] + so[g] == float(c[:, g].sum()) - sum(l[e][g] for e in range(E)))
+            s.Add(ri[g] + ro[g] == sum(y[e][g] - l[e][g] for e in range(E)))
+        if K > 1:
+            for k in range(K):
+                devs = [int(g) for g in np.flatnonzero(node == k)]
+                out_t, in_t = [], []
+                for e in range(E):
+                    # blocks of e leaving node k come from its sources' unserved tokens, those
+                    # entering are served by its replicas; they differ by demand less service
+                    s_o = [s.NumVar(0, float(c[e, g]), "") for g in devs]
+                    r_o = [s.NumVar(0, float(min(L[e], cap[g])), "") for g in devs]
+                    for j, g in enumerate(devs):
+                        s.Add(s_o[j] <= float(c[e, g]) - l[e][g])
+                        s.Add(r_o[j] <= y[e][g] - l[e][g])
+                    s.Add(sum(s_o) - sum(r_o) == float(c[e, devs].sum()) - sum(y[e][g] for g in devs))
+                    out_t.append(s_o)
+                    in_t.append(r_o)
+                for j, g in enumerate(devs):
+                    s.Add(so[g] == sum(out_t[e][j] for e in range(E)))
+                    s.Add(ro[g] == sum(in_t[e][j] for e in range(E)))
+                s.Add(sum(si[g] for g in devs) == sum(ri[g] for g in devs))  # intra stays in the node
+        # replica sync with free owners: followers on g by the owner's link class, and followers
+        # of the experts g owns; per phase max(send, receive) per class
+        P_i, P_o = SYNC_PHASES * P * ci / tau, SYNC_PHASES * P * co / tau
+        own_node = [[sum(o[e][int(h)] for h in np.flatnonzero(node == k)) for k in range(K)] for e in range(E)]
+        Fi, Fo, Oi, Oo = ([] for _ in range(4))
+        for g in range(G):
+            k = int(node[g])
+            fo_terms, fi_terms, oi_terms, oo_terms = [], [], [], []
+            same = np.flatnonzero((node == k) & (np.arange(G) != g))
+            other = np.flatnonzero(node != k)
+            for e in range(E):
+                if K > 1:
+                    fo = s.NumVar(0, 1, "")
+                    s.Add(fo >= x[e][g] - own_node[e][k])
+                    fo_terms.append(fo)
+                    wo = s.NumVar(0, inf, "")
+                    s.Add(wo >= sum(x[e][int(h)] for h in other) - len(other) * (1 - o[e][g]))
+                    oo_terms.append(wo)
+                    fi_terms.append(x[e][g] - o[e][g] - fo)
+                else:
+                    fi_terms.append(x[e][g] - o[e][g])
+                if len(same):
+                    wi = s.NumVar(0, inf, "")
+                    s.Add(wi >= sum(x[e][int(h)] for h in same) - len(same) * (1 - o[e][g]))
+                    oi_terms.append(wi)
+            Fi.append(sum(fi_terms)), Fo.append(sum(fo_terms) if fo_terms else 0)
+            Oi.append(sum(oi_terms) if oi_terms else 0), Oo.append(sum(oo_terms) if oo_terms else 0)
+        ki, ko = A2A_PHASES * tb * U * ci / tau, A2A_PHASES * tb * U * co / tau
+        for g in range(G):
+            A = s.NumVar(0, inf, "")
+            for p_i in (si[g], ri[g]):
+                for p_o in (so[g], ro[g]):
+                    s.Add(A >= float(ki[g]) * p_i + float(ko[g]) * p_o)
+            Y = s.NumVar(0, inf, "")
+            for f_i in (Fi[g], Oi[g]):
+                for f_o in (Fo[g], Oo[g]):
+                    s.Add(Y >= float(P_i[g]) * f_i + float(P_o[g]) * f_o)
+            s.Add(T >= float(a[g] / tau) * sum(x[e][g] for e in range(E)) + float(b[g] * U / tau)
+                  * sum(y[e][g] for e in range(E)) + A + Y + float(lat[g] / tau))
+        obj = T
+        if current is not None:
+            obj = T + self._migration(current, node, interval) * (1.0 / interval)
+        # the cheap bounds as a floor: valid for every plan, and the LP alone is weaker
+        s.Add(T >= float(quick_bound(cluster, counts) / tau) * (1 - SAFETY))
+        s.Minimize(obj)
+        self.T = T
+
+    def _migration(self, current, node, interval):
+        """The migration time of `estimator.migration_transfers`, exactly linear in x and o: a new
+        replica copies from the first old replica on its node, else from the old owner; a moved
+        owner takes the optimizer state from the old owner."""
+        s, cl, tau = self.solver, self.cluster, self.tau
+        G, E = self.G, self.E
+        x0, own0 = current.replicas(), current.owner
+        P, OB = cl.expert.param_bytes, cl.expert.optimizer_bytes
+        invb, alpha, inter = cl.inv_beta, cl.alpha, cl.inter_mask
+        terms = {(d, cls, side): [] for d in range(G) for cls in (0, 1) for side in (0, 1)}
+        lat = {d: [] for d in range(G)}
+
+        def transfer(var, src, dst, nbytes):
+            cls = int(inter[src, dst])
+            t = nbytes * invb[src, dst] / tau
+            terms[src, cls, 0].append(float(t) * var)
+            terms[dst, cls, 1].append(float(t) * var)
+            lat[src].append(float(alpha[src, dst] / tau) * var)
+            lat[dst].append(float(alpha[src, dst] / tau) * var)
+
+        for e in range(E):
+            holders = np.flatnonzero(x0[e])
+            for g in range(G):
+                if x0[e, g]:
+                    continue
+                near = holders[node[holders] == node[g]]
+                transfer(self.x[e][g], int(near[0]) if len(near) else int(own0[e]), g, P)
+            for g in range(G):
+                if g != own0[e]:
+                    transfer(self.o[e][g], int(own0[e]), g, OB)
+        M = s.NumVar(0, s.infinity(), "mig")
+        for d in range(G):
+            for p_i in (terms[d, 0, 0], terms[d, 0, 1]):
+                for p_o in (terms[d, 1, 0], terms[d, 1, 1]):
+                    s.Add(M >= sum(p_i) + sum(p_o) + sum(lat[d]))
+        return M
+
+    def solve(self, seconds: float, threads: int = 1):
+        """(bound seconds, plan (x, share, owner) or None, status). The bound is the solver's
+        proven one, shaved for tolerances, and at most `upper`."""
+        s = self.solver
+        s.SetTimeLimit(int(max(seconds, 0.01) * 1000))
+        try:
+            s.SetNumThreads(int(threads))
+        except Exception:  # some backends take no thread count
+            pass
+        st = s.Solve()
+        from ortools.linear_solver import pywraplp
+        have = st in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE)
+        if st == pywraplp.Solver.OPTIMAL and not self._integer():
+            bound = s.Objective().Value()
+        elif self._integer():
+            bound = s.Objective().BestBound()  # proven also when the limit came before a solution
+        else:
+            bound = 0.0
+        if not np.isfinite(bound):
+            bound = 0.0
+        if st == pywraplp.Solver.INFEASIBLE and self.upper is not None:
+            bound = self.upper  # nothing beats the known plan: it is optimal
+        bound = max(0.0, bound * self.tau * (1 - SAFETY))
+        if self.upper is not None:
+            bound = min(bound, self.upper)
+        plan = None
+        if have and self._integer():
+            xs = np.array([[v.solution_value() > 0.5 for v in row] for row in self.x])
+            ys = np.array([[max(v.solution_value(), 0.0) for v in row] for row in self.y])
+            own = np.array([int(np.argmax([v.solution_value() for v in row])) for row in self.o])
+            plan = (xs, ys, own)
+        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
+                 pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "unknown"}
+        return float(bound), plan, names.get(st, "error")
+
+    def _integer(self):
+        return any(v.integer() for v in self.x[0])
+
+
+def lp_bound(cluster: Cluster, counts, current=None, interval: int = 50, upper: float | None = None) -> float:
+    """The relaxation's LP bound (GLOP): a floor, valid for any plan."""
+    r = Relaxation(cluster, counts, current, interval, upper, integer=False)
+    return r.solve(60.0)[0]
+
+
+class NodeRelaxation:
+    """Nodes as single machines: a small MIP whose bound is valid for the device-level problem.
+
+    Per expert and node: hosted `u`, replicas `n`, owner node `own`, tokens served `Y`, blocks
+    leaving `out` and entering `inn` (their difference is node demand less service, exactly as
+    routing has it). A node's devices' time summed (`m_k T`) must cover its latency, compute
+    (`a n + b Y`, cheapest device), its all-to-all (intra sends at NVLink cost, the larger of
+    outflow and inflow at the inter-node cost), its replica sync (every replica in a node that
+    does not own the expert syncs over the slow link, the owner node pays the larger of its
+    followers' and its own), and its share of migration. Binary decisions are per (expert, node)
+    only, so the solver proves far more than on the device model; the device-level facts it
+    loses (one device's balance) come back through the cheap bounds as a floor."""
+
+    def __init__(self, cluster: Cluster, counts, current=None, interval: int = 50, upper: float | None = None,
+                 backend: str = "SCIP", local_cuts: bool = True):
+        """`local_cuts`: per-expert limits on what stays on its source's device (tighter, but
+        the solver may take longer to prove it: running both and keeping the max is valid)."""
+        from ortools.linear_solver import pywraplp
+        counts = fold_sources(counts, cluster.num_devices)
+        self.cluster, self.counts, self.upper = cluster, counts, upper
+        G, E = cluster.num_devices, counts.shape[1]
+        node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
+        K = int(node.max()) + 1
+        self.E, self.K, self.node = E, K, node
+        N = max(float(counts.sum()), 1.0)
+        self.U = U = N / 1000.0
+        self.tau = tau = max(compute_bound(cluster, counts), 1e-12) / 1000.0
+        s = pywraplp.Solver.CreateSolver(backend)
+        self.solver = s
+        inf = s.infinity()
+        a, b, lat = cluster.compute_a, cluster.compute_b, latency(cluster)
+        ci, co = _class_costs(cluster)
+        tb, P, OB = cluster.expert.token_bytes, cluster.expert.param_bytes, cluster.expert.optimizer_bytes
+        c = counts.T / U
+        L = c.sum(axis=1)
+        devs = [np.flatnonzero(node == k) for k in range(K)]
+        m = np.array([len(d) for d in devs])
+        slots = np.array([int(cluster.slots[d].sum()) for d in devs])
+        per_dev = np.array([int(min(len(d), cluster.slots[d].sum())) for d in devs])  # replicas of one expert
+        D = np.stack([c[:, d].sum(axis=1) for d in devs], axis=1)  # [E, K]
+        Ktop = np.array([sum(np.sort(c[:, g])[::-1][:int(cluster.slots[g])].sum() for g in d) for d in devs])
+        cap = np.full(K, np.inf)
+        if upper is not None:
+            cap = np.array([np.maximum((upper - lat[d] - a[d]) / b[d], 0.0).max() for d in devs]) / U
+        fin = lambda v: np.where(np.isfinite(v), v, 0.0)
+        ci_k = np.array([fin(ci[d]).min() if K > 0 else 0 for d in devs])
+        co_k = np.array([fin(co[d]).min() for d in devs])
+        u = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
+        # z[e][k][j-1]: expert e has exactly j replicas on node k; n = sum j z, u = sum z
+        z = [[[s.BoolVar("") for _ in range(int(per_dev[k]))] for k in range(K)] for _ in range(E)]
+        n = [[sum((j + 1) * v for j, v in enumerate(z[e][k])) for k in range(K)] for e in range(E)]
+        own = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
+        Y = [[s.NumVar(0, float(L[e]), "") for k in range(K)] for e in range(E)]
+        out = [[s.NumVar(0, float(D[e, k]), "") for k in range(K)] for e in range(E)]
+        inn = [[s.NumVar(0, float(L[e]), "") for k in range(K)] for e in range(E)]
+        self.u, self.z, self.own, self.Y = u, z, own, Y
+        T = s.NumVar(0, inf, "T")
+        floor_c = np.array([float((lat[d] + a[d]).min()) for d in devs]) / tau  # a replica's fixed time
+        bu = np.array([float(b[d].min()) for d in devs]) * U / tau  # time units per block
+        for e in range(E):
+            s.Add(sum(Y[e]) == float(L[e]))
+            s.Add(sum(own[e]) == 1)
+            # the device holding e's largest replica computes at least L_e / (replicas): convex
+            # in the replica count, so the lines through consecutive integers bound it below
+            R = sum(n[e][k] for k in range(K))
+            f = lambda r: float(floor_c.min() + bu.min() * L[e] / r)
+            for r in range(1, int(per_dev.sum()) + 1):
+                s.Add(T >= f(r) + (f(r + 1) - f(r)) * (R - r))
+            for k in range(K):
+                s.Add(sum(z[e][k]) == u[e][k])
+                # j replicas on node k serve at most j devices' time: b Y <= j (T - lat - a)
+                big = float(bu[k] * L[e] + per_dev[k] * floor_c[k])
+                for j, v in enumerate(z[e][k], start=1):
+                    s.Add(float(bu[k]) * Y[e][k] <= j * T - j * float(floor_c[k]) + big * (1 - v))
+                s.Add(own[e][k] <= u[e][k])
+                s.Add(Y[e][k] <= float(min(L[e], cap[k] * per_dev[k])) * u[e][k])
+                if np.isfinite(cap[k]):
+                    s.Add(Y[e][k] <= float(cap[k]) * n[e][k])
+                s.Add(out[e][k] - inn[e][k] == float(D[e, k]) - Y[e][k])
+        mig = None
+        if current is not None:
+            mig = s.NumVar(0, inf, "mig")
+            x0, own0 = current.replicas(), current.owner
+        for k in range(K):
+            d = devs[k]
+            s.Add(sum(n[e][k] for e in range(E)) <= int(slots[k]))
+            nk = sum(n[e][k] for e in range(E))
+            Yk = sum(Y[e][k] for e in range(E))
+            outk = sum(out[e][k] for e in range(E))
+            ink = sum(inn[e][k] for e in range(E))
+            # tokens kept on their own device: at most what the devices' slots hold of their own
+            # sources' tokens, and at most what the node serves of its own demand
+            loc = s.NumVar(0, float(Ktop[k]), "")
+            s.Add(loc <= Yk - ink)
+            s.Add(loc <= float(D[:, k].sum()) - outk)
+            # per expert: with j replicas on the node, at most the j largest of its sources' counts
+            # there stay on their own device, and no more than the node serves of its own demand
+            top = -np.sort(-c[:, d], axis=1)  # [E, m_k]
+            loc_e = []
+            for e in range(E if local_cuts else 0):
+                le = s.NumVar(0, float(D[e, k]), "")
+                s.Add(le <= sum(float(top[e, :j].sum()) * v for j, v in enumerate(z[e][k], start=1)))
+                s.Add(le <= Y[e][k] - inn[e][k])
+                s.Add(le <= float(D[e, k]) - out[e][k])
+                loc_e.append(le)
+            if loc_e:
+                s.Add(loc <= sum(loc_e))
+            intra = float(D[:, k].sum()) - loc - outk  # sent inside the node (= received inside)
+            ki, ko = A2A_PHASES * tb * U * ci_k[k] / tau, A2A_PHASES * tb * U * co_k[k] / tau
+            A = s.NumVar(0, inf, "")
+            s.Add(A >= float(ki) * intra + float(ko) * outk)
+            s.Add(A >= float(ki) * intra + float(ko) * ink)
+            # sync: followers in k of experts owned elsewhere (inter), intra followers, and the
+            # followers elsewhere of the experts k owns
+            M = int(sum(per_dev)) + 1
+            fo, fi, oo = [], [], []
+            for e in range(E):
+                v = s.NumVar(0, inf, "")
+                s.Add(v >= n[e][k] - M * own[e][k])
+                fo.append(v)
+                w = s.NumVar(0, inf, "")
+                s.Add(w >= n[e][k] - 1 - M * (1 - own[e][k]))
+                fi.append(w)
+                w2 = s.NumVar(0, inf, "")
+                s.Add(w2 >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
+                oo.append(w2)
+            S = s.NumVar(0, inf, "")
+            pi, po = SYNC_PHASES * P * ci_k[k] / tau, SYNC_PHASES * P * co_k[k] / tau
+            s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
+            s.Add(S >= float(pi) * sum(fi) + float(po) * sum(oo))
+            s.Add(float(m[k]) * T >= float(lat[d].sum() / tau) + float(a[d].min() / tau) * nk
+                  + float(b[d].min() * U / tau) * Yk + A + S)
+            if mig is not None:
+                # each device's migration receive time is at most mig: new replicas in the node
+                # (from the node if it held the expert, else from across) and owners moved in
+                terms = []
+                for e in range(E):
+                    had = int(x0[e, d].sum())
+                    new = s.NumVar(0, inf, "")
+                    s.Add(new >= n[e][k] - had)
+                    cost = ci_k[k] if had else co_k[k]
+                    terms.append(float(P * cost / tau) * new)
+                    if node[own0[e]] != k:
+                        terms.append(float(OB * co_k[k] / tau) * own[e][k])
+                s.Add(float(m[k]) * mig >= sum(terms))
+        s.Add(T >= float(quick_bound(cluster, counts) / tau) * (1 - SAFETY))
+        s.Minimize(T + (mig * (1.0 / interval) if mig is not None else 0))
+        self.T = T
+
+    def solve(self, seconds: float, threads: int = 1):
+        """(bound seconds, node solution (u, n, own, Y tokens) or None, status)."""
+        from ortools.linear_solver import pywraplp
+        s = self.solver
+        s.SetTimeLimit(int(max(seconds, 0.01) * 1000))
+        st = s.Solve()
+        bound = s.Objective().BestBound() if st != pywraplp.Solver.INFEASIBLE else (self.upper or 0.0)
+        if not np.isfinite(bound):
+            bound = 0.0
+        bound = max(0.0, bound * self.tau * (1 - SAFETY))
+        if self.upper is not None:
+            bound = min(bound, self.upper)
+        sol = None
+        if st in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+            val = lambda vs: np.array([[v.solution_value() for v in row] for row in vs])
+            nv = np.array([[sum((j + 1) * v.solution_value() for j, v in enumerate(zk)) for zk in ze] for ze in self.z])
+            sol = (val(self.u) > 0.5, np.rint(nv).astype(int), val(self.own).argmax(axis=1),
+                   np.maximum(val(self.Y), 0.0) * self.U)
+        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
+                 pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "unknown"}
+        return float(bound), sol, names.get(st, "error")

@@ -1,0 +1,76 @@
+"""Offline mode: per re-plan, the best plan found, a valid bound, and every policy's distance to it;
+`flexmoe compare --offline-budget` writes them to replans.csv, the report and a figure."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from cost_models.presets import local_cpu
+from experiments import offline
+from experiments.traces import synth
+from planner.plan import static_layer
+from tests.test_bounds import brute_min, slow_cluster
+from tests.planner_helpers import spread
+from tests.test_compare import run
+
+
+def test_offline_instance_is_valid_and_no_worse_than_the_policies():
+    cluster = slow_cluster()
+    counts = spread([300, 40, 20], cluster.num_devices, seed=0)
+    cur = static_layer(3, cluster.slots)
+    found = offline.solve_instance(cluster, counts, cur, 5, budget=2.0, workers=1)
+    obj = found["objectives"]
+    assert found["offline_best_s"] == pytest.approx(min(obj.values()))
+    assert found["offline_best_s"] <= obj["greedy"] and found["offline_best_s"] <= obj["eplb"]
+    assert found["offline_bound_s"] <= brute_min(cluster, counts.astype(float), cur, 5) * (1 + 1e-9)
+    assert found["offline_bound_s"] <= found["offline_best_s"]
+    for p in ("greedy", "eplb"):
+        assert found[f"offline_{p}_gap"] == pytest.approx(obj[p] / found["offline_bound_s"] - 1)
+    assert found["offline_gap"] == pytest.approx(found["offline_best_s"] / found["offline_bound_s"] - 1)
+
+
+def test_compare_offline_writes_gaps(tmp_path, capsys):
+    trace = synth("rotate", steps=6, layers=3, sources=4, experts=8, tokens_per_source=256, period=2, seed=0)
+    trace.save(tmp_path / "t.npz")
+    local_cpu(slots=3, world_size=4).save(tmp_path / "c.json")
+    out = tmp_path / "report"
+    code, text, err = run(capsys, "compare", "-c", tmp_path / "c.json", "-t", tmp_path / "t.npz", "-o", out,
+                          "--policies", "eplb,greedy,ilp", "--interval", 3, "--time-budget", 0.1,
+                          "--offline-budget", 0.3, "--no-progress")
+    assert code == 0, err
+    assert "offline (0.3 s per instance" in text
+    rows = list(csv.DictReader((out / "replans.csv").open()))
+    ilp_rows = [r for r in rows if r["policy"] == "ilp"]
+    assert len(ilp_rows) == 3  # one re-plan (step 3) x 3 layers
+    for r in ilp_rows:
+        bound, best = float(r["offline_bound_s"]), float(r["offline_best_s"])
+        assert 0 < bound <= best <= float(r["objective"]) * (1 + 1e-9)
+        assert float(r["offline_ilp_gap"]) == pytest.approx(float(r["objective"]) / bound - 1, rel=1e-6)
+        assert float(r["offline_greedy_gap"]) >= float(r["offline_gap"]) - 1e-9
+    assert all(r["offline_bound_s"] == "" for r in rows if r["policy"] != "ilp")
+    report = (out / "report.md").read_text()
+    assert "## Offline: distance to the proven optimum" in report and "| online ILP |" in report
+    assert (out / "offline_gaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_offline_needs_the_ilp_policy(tmp_path, capsys):
+    trace = synth("rotate", steps=4, layers=1, sources=4, experts=8, tokens_per_source=64, period=2, seed=0)
+    trace.save(tmp_path / "t.npz")
+    local_cpu(slots=3, world_size=4).save(tmp_path / "c.json")
+    code, _, err = run(capsys, "compare", "-c", tmp_path / "c.json", "-t", tmp_path / "t.npz", "-o",
+                       tmp_path / "r", "--policies", "greedy", "--offline-budget", 1, "--no-progress")
+    assert code == 2 and "add ilp" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_figure_is_one_box_per_policy_whatever_the_layers():
+    rng = np.random.default_rng(0)
+    recs = [{"offline_bound_s": 1.0, "offline_wall_s": 1.0, "offline_gap": g, "offline_greedy_gap": g + 0.1,
+             "offline_eplb_gap": g + 0.2, "offline_ilp_gap": g + 0.05} for g in rng.random(61 * 4) * 0.1]
+    s = offline.summary(recs)
+    assert s["replans"] == 244 and s["greedy"]["median"] > s["offline"]["median"]
+    assert offline.figure(recs)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert offline.summary([{"objective": 1.0}]) is None and offline.markdown(None, 1) == ""
