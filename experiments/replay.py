@@ -194,7 +194,7 @@ def replay(trace: Trace, cluster: Cluster, policy: Policy, *, plan_fn: PlanFn | 
             if drop is not None:
                 counts, dropped = drop(counts, x, share, policy.capacity_factor)  # per recorded source
                 out.dropped[t] += int(dropped)
-            est = estimate(cluster, counts, x, shares(counts, x, share), owner)
+            est = estimate(cluster, counts, x, shares(counts, x, share, owner), owner)
             out.layer_time[t, l] = est.step_time
             out.balance[t, l] = est.balance
     return out

@@ -8,15 +8,16 @@ minimise the slowest device's compute under its fitted model (heterogeneous devi
     minimise T   subject to   T >= a_g * replicas_g + b_g * sum_e y[e, g]   for every device g,
                               sum_g y[e, g] = tokens of e,   y >= 0,   y[e, g] = 0 where x[e, g] = 0
 
-Only compute is modelled. Adding the all-to-all (node-level cross traffic spread over a node's
-ports, or the fixed traffic of one-replica experts) made the estimator's step *worse* on the real
-excerpt: node-first routing lands a node's incoming tokens on the few replicas that take them, not
-on all its ports, so a linear node term misjudges who pays; see docs/CONTRACTS.md.
+Only compute is modelled: linear stand-ins for the all-to-all (a node's cross traffic spread over
+its ports, each replica's tokens beyond its own source's) made the estimator's step worse on the
+real excerpt, since node-first routing lands a node's incoming tokens on the few replicas that take
+them. So `ShareRule` lets the estimator judge: the LP's shares are dispatched only where the
+estimator, all-to-all included, ranks them no slower than the plan's for the step's own counts.
 
 The LP is built once per placement (`StepShares`, a GLOP request) and only its right-hand sides
 change per step; each step is a fresh solve of that request, so equal inputs give bit-equal shares
-on every rank, whatever was solved before. Experts with one replica have nothing to decide and enter as
-constants: the LP has variables only for replicated experts, a few dozen at 256 experts.
+on every rank, whatever was solved before. Experts with one replica have nothing to decide and
+enter as constants: the LP has variables only for replicated experts, a few dozen at 256 experts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from ortools.linear_solver import linear_solver_pb2, pywraplp
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import fold_sources
+from cost_models.estimator import estimate, fold_sources
 
 
 class StepShares:
@@ -118,23 +119,36 @@ CACHE_SIZE = 256  # placements whose LP is kept: two plans of a 61-layer model, 
 
 
 class ShareRule:
-    """Which shares a step dispatches with: `plan` (the plan's own) or `adaptive` (the LP above
-    for the step's counts, falling back to the plan's shares, and saying so once, if it fails).
+    """Which shares a step dispatches with: `plan` (the plan's own) or `adaptive`: the LP above for
+    the step's counts, kept only where the estimator (compute and the all-to-all under the one
+    routing rule; replica sync is the same for both) ranks it no slower than the plan's shares for
+    those same counts. The LP sees compute alone, and where tokens are dear to move (large hidden
+    sizes, slow links) the plan's shares, which the planner chose with the traffic in view, can
+    be faster. If the LP fails, the plan's shares are used and the run says so once.
     Keeps one `StepShares` per placement it has seen, so each LP is built once per plan."""
 
     def __init__(self, cluster: Cluster, mode: str = "adaptive", warn=None):
         if mode not in DISPATCH_MODES:
             raise ValueError(f"unknown dispatch mode {mode!r}; choose from {', '.join(DISPATCH_MODES)}")
         self.cluster, self.mode, self.warn = cluster, mode, warn
-        self.solves = self.adapted = self.failures = 0  # adapted: solves whose shares left the plan's
-        self.seconds = 0.0  # spent solving
+        # adapted: steps dispatched with the LP's shares; kept_plan: LP shares the estimator ranked slower
+        self.solves = self.adapted = self.kept_plan = self.failures = 0
+        self.seconds = 0.0  # spent deciding (LP and estimator)
         self._lps: dict[bytes, StepShares] = {}
 
-    def __call__(self, counts: np.ndarray, x: np.ndarray, plan_share: np.ndarray) -> np.ndarray:
+    def __call__(self, counts: np.ndarray, x: np.ndarray, plan_share: np.ndarray,
+                 owner: np.ndarray | None = None) -> np.ndarray:
+        """Shares for `counts[S, E]` over replicas `x[E, G]`; `owner[E]` lets the estimator count
+        replica sync (the same for both candidates, but it can change which device is slowest)."""
         if self.mode == "plan":
             return plan_share
         start = time.perf_counter()
-        x = np.asarray(x, dtype=bool)
+        try:
+            return self._decide(counts, np.asarray(x, dtype=bool), plan_share, owner)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _decide(self, counts, x, plan_share, owner):
         key = x.tobytes() + bytes(str(x.shape), "ascii")
         lp = self._lps.get(key)
         if lp is None:
@@ -143,15 +157,20 @@ class ShareRule:
             lp = self._lps[key] = StepShares(self.cluster, x)
         share = lp.solve(counts)
         self.solves += 1
-        self.seconds += time.perf_counter() - start
         if share is None:
             self.failures += 1
             if self.failures == 1 and self.warn is not None:
                 self.warn("per-step shares: the LP found no solution; dispatching with the plan's shares")
             return plan_share
-        self.adapted += bool(np.abs(share - plan_share).max() > 1e-9)
+        if np.abs(share - plan_share).max() <= 1e-9:
+            return plan_share
+        ours = estimate(self.cluster, counts, x, share, owner).step_time
+        if ours > estimate(self.cluster, counts, x, plan_share, owner).step_time:
+            self.kept_plan += 1
+            return plan_share
+        self.adapted += 1
         return share
 
     def stats(self) -> dict:
-        return {"mode": self.mode, "solves": self.solves, "adapted": self.adapted, "failures": self.failures,
-                "seconds": self.seconds}
+        return {"mode": self.mode, "solves": self.solves, "adapted": self.adapted, "kept_plan": self.kept_plan,
+                "failures": self.failures, "seconds": self.seconds}

@@ -41,6 +41,7 @@ user of these two classes (`runtime.model`, `runtime.trainer`).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from typing import Callable, Iterable
@@ -229,8 +230,9 @@ class FlexMoERuntime:
 
     def bind(self) -> None:
         for l, layer in enumerate(self.layers):
+            rule = functools.partial(self.share_rule, owner=self.rt.plan.layers[l].owner)  # sync counts too
             layer.bind(self.rt.stores[l], self.rt.replicas(l), self.rt.share(l), self.rank, self.world, self.group,
-                       self.nodes, self.share_rule)
+                       self.nodes, rule)
 
     # --- the step, in the order every rank runs it -----------------------------------------
     def begin_step(self) -> None:

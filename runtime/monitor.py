@@ -43,6 +43,6 @@ def worst_balance(tokens: np.ndarray) -> float:
 def balance(counts: np.ndarray, plan: Plan, share_rule=None) -> float:
     """Max over mean tokens per device (worst layer; 1.0 is perfect) for `counts[L, S, E]` under
     `plan`, with the shares the dispatch would use: `share_rule(counts, x, share)` (None: the plan's)."""
-    shares = [lp.shares() if share_rule is None else share_rule(counts[l], lp.replicas(), lp.shares())
+    shares = [lp.shares() if share_rule is None else share_rule(counts[l], lp.replicas(), lp.shares(), lp.owner)
               for l, lp in enumerate(plan.layers)]
     return worst_balance(device_tokens(counts, shares))

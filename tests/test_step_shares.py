@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cost_models.cluster import ComputeModel
+from cost_models.cluster import ComputeModel, Link
+from cost_models.estimator import estimate
 from cost_models.presets import local_cpu
 from planner.step_shares import ShareRule, StepShares, step_makespan
 
@@ -20,7 +21,8 @@ def cluster_of(num_dev, rng):
     a = rng.uniform(1e-4, 1e-3, num_dev)
     b = rng.uniform(1e-6, 4e-6, num_dev)  # heterogeneous devices
     devices = [replace(d, compute=ComputeModel(float(ai), float(bi))) for d, ai, bi in zip(c.devices, a, b)]
-    return replace(c, devices=devices)
+    fast = {k: Link(0.0, 1e15) for k in c.links}  # links that cost next to nothing: compute decides
+    return replace(c, devices=devices, links=fast)
 
 
 def flow_makespan(cluster, counts, x):
@@ -91,8 +93,9 @@ def test_per_step_shares_beat_stale_plan_shares():
     counts = rng.integers(0, 400, (4, 6))
     rule = ShareRule(cluster)
     fresh = rule(counts, x, stale)
+    assert fresh is not stale and rule.stats()["adapted"] == 1
     assert step_makespan(cluster, counts, x, fresh) <= step_makespan(cluster, counts, x, stale) + 1e-12
-    assert rule.stats()["adapted"] == 1
+    assert estimate(cluster, counts, x, fresh).step_time <= estimate(cluster, counts, x, stale).step_time
     assert ShareRule(cluster, "plan")(counts, x, stale) is stale
 
 
@@ -113,3 +116,19 @@ def test_a_failing_lp_falls_back_to_the_plan_shares_and_says_so_once(monkeypatch
 def test_unknown_dispatch_mode_is_refused():
     with pytest.raises(ValueError, match="dispatch mode"):
         ShareRule(local_cpu(slots=2), "lp")
+
+
+def test_the_estimator_keeps_the_plan_shares_when_moving_tokens_costs_more():
+    # Two devices, each holding a replica of expert 0 and all of its own tokens. Per-step shares
+    # would even out compute by sending tokens across a link so slow that the plan's shares,
+    # which keep every token home, are faster: the rule keeps them.
+    base = local_cpu(slots=2, world_size=2)
+    slow = replace(base, links={k: Link(0.0, 1e3) for k in base.links})
+    x = np.array([[True, True]])
+    plan = np.array([[0.8, 0.2]])
+    counts = np.array([[800], [200]])
+    rule = ShareRule(slow)
+    assert rule(counts, x, plan) is plan
+    assert rule.stats()["kept_plan"] == 1 and rule.stats()["adapted"] == 0
+    fast = ShareRule(base)
+    assert fast(counts, x, plan) is not plan  # with cheap links the LP's even split wins
