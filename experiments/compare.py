@@ -15,7 +15,7 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.files import InputError, atomic_paths, read_npz
-from experiments.replay import FIXED, POLICIES, Policy, ReplayResult, replay, trace_stride
+from experiments.replay import FIXED, POLICIES, Policy, ReplayResult, reference_replans, replay, trace_stride
 from planner.step_shares import DISPATCH_MODES
 from experiments.traces import import_smartmoe
 from planner.trace import Trace
@@ -108,8 +108,7 @@ def text_table(rows: list[dict]) -> str:
 def optimality(results: list[ReplayResult]) -> dict | None:
     """Heuristic versus optimal over the ILP policy's re-plans (greedy run on the same inputs):
     the worst and mean excess of greedy's objective over the ILP's objective and over its bound."""
-    recs = [rec for r in results for rec in r.replans
-            if rec.get("ref_objective") is not None and rec.get("objective") is not None]
+    recs = [rec for rec in reference_replans(results) if rec.get("objective") is not None]
     if not recs:
         return None
     g = np.array([rec["ref_objective"] for rec in recs])

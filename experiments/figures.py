@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.replay import ReplayResult  # noqa: E402
+from experiments.replay import ReplayResult, reference_replans  # noqa: E402
 
 
 def _png(fig) -> bytes:
@@ -72,7 +72,7 @@ def balance_figure(results: list[ReplayResult]) -> bytes:
 def speedup_figure(rows: list[dict]) -> bytes:
     """Speed-up bars; a policy that drops tokens is hatched, grey, and says how many it drops:
     its speed is bought with lost tokens, not comparable with the dropless ones."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.7 * len(rows)), 4.2))
     names = [r["policy"] for r in rows]
     vals = [r["speedup"] for r in rows]
     drops = [r.get("dropped_pct", 0) > 0 for r in rows]
@@ -86,14 +86,15 @@ def speedup_figure(rows: list[dict]) -> bytes:
     ax.set_ylabel("speed-up over static EP")
     ax.set_title("Mean step time, speed-up over static expert parallelism\n(hatched: drops tokens, not comparable)",
                  fontsize=10)
-    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")  # long names stay apart
     return _png(fig)
 
 
 def optimality_figure(results: list[ReplayResult]) -> bytes | None:
     """Greedy objective, ILP objective and proven bound at each re-plan, and the solve times: per
     layer for a few layers, summed over layers (solve times: mean and range) for many."""
-    recs = [rec for r in results for rec in r.replans if rec.get("ref_objective") is not None]
+    recs = reference_replans(results)
     if not recs:
         return None
     layers = sorted({rec["layer"] for rec in recs})

@@ -249,6 +249,16 @@ def _info(info: dict) -> dict:
     return {**{k: info.get(k) for k in INFO_KEYS}, **{k: v for k, v in info.items() if k.startswith("offline_")}}
 
 
+def reference_replans(results: list[ReplayResult]) -> list[dict]:
+    """The re-plans of the first policy that carries a reference solver (the ILP with greedy on the
+    same inputs); with `--dispatch both` the ILP runs twice on the same plans, counted once."""
+    for r in results:
+        recs = [rec for rec in r.replans if rec.get("ref_objective") is not None]
+        if recs:
+            return recs
+    return []
+
+
 def trace_stride(trace: Trace) -> int:
     """Training iterations per trace step: the typical spacing of `step_ids` (1 if contiguous)."""
     if trace.num_steps < 2:

@@ -65,6 +65,10 @@ def test_ilp_records_greedy_reference(inputs):
     assert recs and all(r["ref_solver"] == "greedy" and r["ref_objective"] is not None for r in recs)
     opt = cmp.optimality(res)
     assert opt["replans"] == len(recs) and opt["greedy_over_ilp_max_pct"] >= 0
+    both = cmp.run_all(trace, cmp.Cluster.load(c), cmp.make_policies(["ilp"], dispatch="both", interval=2,
+                                                                      time_budget=0.2))
+    assert [r.policy.name for r in both] == ["static", "ilp", "ilp (plan shares)"]
+    assert cmp.optimality(both)["replans"] == len(both[1].replans)  # the same re-plans, counted once
 
 
 def test_excerpt_layout_is_read(tmp_path):
