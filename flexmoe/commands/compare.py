@@ -22,8 +22,10 @@ def compare_cmd(
         policies: Annotated[str, typer.Option(help="comma-separated: static, capacity, shadow, eplb, lplb, greedy, "
                                                    "ilp (static is always run: it is the baseline)")]
         = "static,capacity,shadow,eplb,lplb,greedy,ilp",
-        dispatch: Annotated[str, typer.Option(help="token shares per step: adaptive (re-solved from each step's "
-                                                   "counts), plan (the plan's), or both side by side")] = "adaptive",
+        dispatch: Annotated[Literal["adaptive", "plan", "both"],
+                            typer.Option(help="token shares per step: adaptive (re-solved from each step's counts, "
+                                              "kept where the estimator ranks them faster), plan (the plan's), or "
+                                              "both side by side")] = "adaptive",
         interval: Annotated[int, typer.Option(help="re-plan every N trace steps (0: only on --trigger)")] = 5,
         trigger: Annotated[float, typer.Option(help="also re-plan when the last step's balance ratio "
                                                     "exceeds this (0: off)")] = 0.0,
