@@ -1,4 +1,4 @@
-"""Small clusters and loads for the planner tests (no files, no /work/shared)."""
+"""Small clusters and loads for the planner tests (no /work/shared)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,14 @@ def spread(load, sources: int, seed: int = 0) -> np.ndarray:
     for e, n in enumerate(load):
         out[:, e] = rng.multinomial(int(n), rng.dirichlet(np.ones(sources)))
     return out
+
+
+def write_plan_inputs(directory, steps: int):
+    """A 2-node, 4-device cluster.json and a `steps`-step, 2-layer trace.npz of skewed loads in
+    `directory` (for the command tests); returns the directory."""
+    from planner.trace import Trace
+    make_cluster(nodes=2, per_node=2, slots=3, a=1e-5, fast=False).save(directory / "cluster.json")
+    counts = np.stack([np.stack([spread([400, 100, 50, 30, 20, 900], 4, seed=10 * s + l) for l in range(2)])
+                       for s in range(steps)])
+    Trace(counts, top_k=1).save(directory / "trace.npz")
+    return directory

@@ -19,7 +19,7 @@ from planner.physical_map import (EMPTY, assign_from_counts, balance_equal_share
                                   fill_slots, log2phy_of)
 from planner.plan import Plan
 from planner.trace import Trace
-from tests.planner_helpers import make_cluster, spread
+from tests.planner_helpers import make_cluster, spread, write_plan_inputs
 from tests.test_planner_solve import EPLB_PHY2LOG, EPLB_WEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,12 +137,7 @@ def test_equal_share_search_never_worsens_and_fill_keeps_the_placement(seed):
 # --- SGLang's --init-expert-location ---------------------------------------------------------------
 @pytest.fixture
 def planned(tmp_path):
-    c = make_cluster(nodes=2, per_node=2, slots=3, a=1e-5, fast=False)
-    c.save(tmp_path / "cluster.json")
-    counts = np.stack([np.stack([spread([400, 100, 50, 30, 20, 900], 4, seed=10 * s + l) for l in range(2)])
-                       for s in range(3)])
-    Trace(counts, top_k=1).save(tmp_path / "trace.npz")
-    return tmp_path
+    return write_plan_inputs(tmp_path, steps=3)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".json"])

@@ -5,18 +5,12 @@ import pytest
 
 from flexmoe.cli import main
 from planner.plan import Plan
-from planner.trace import Trace
-from tests.planner_helpers import make_cluster, spread
+from tests.planner_helpers import write_plan_inputs
 
 
 @pytest.fixture
 def files(tmp_path):
-    c = make_cluster(nodes=2, per_node=2, slots=3, a=1e-5, fast=False)
-    c.save(tmp_path / "cluster.json")
-    counts = np.stack([np.stack([spread([400, 100, 50, 30, 20, 900], 4, seed=10 * s + l) for l in range(2)])
-                       for s in range(4)])
-    Trace(counts, top_k=1).save(tmp_path / "trace.npz")
-    return tmp_path
+    return write_plan_inputs(tmp_path, steps=4)
 
 
 def run(*args):
