@@ -91,6 +91,19 @@ def test_whole_and_fractional_routing_differ_only_by_rounding(seed, num_dev, num
     assert np.isclose(remote.sum() + local.sum(), counts.sum())
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 8), st.integers(1, 6), st.integers(0, 3))
+def test_the_fast_fractional_form_equals_the_table_in_fractional_tokens(seed, num_dev, num_exp, num_nodes):
+    counts, share, nodes = random_case(seed, num_dev, num_exp, num_nodes)
+    local, remote = route(counts, share, nodes)
+    table = route_table(counts, share > 0, share, nodes, whole=False)
+    np.testing.assert_allclose(remote, table.remote(), atol=1e-9)
+    kept = np.zeros_like(local)
+    for e, j in zip(*np.nonzero(table.dev >= 0)):
+        kept[e, table.dev[e, j]] = table.tokens[e, table.dev[e, j], j]
+    np.testing.assert_allclose(local, kept, atol=1e-9)
+
+
 def test_table_views_agree_with_the_dense_flow():
     counts, share, nodes = random_case(7, 6, 5, 2)
     table = route_table(counts, share > 0, share, nodes)
