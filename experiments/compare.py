@@ -44,8 +44,8 @@ def make_policies(names: list[str], dispatch: str = "adaptive", **common) -> lis
     """Policies by name with shared settings; static always comes first (it is the baseline), and
     the ILP carries greedy as its reference so each re-plan compares heuristic and optimum.
     `dispatch` is "adaptive", "plan" or "both" (each re-placing policy twice, side by side); static
-    and capacity have one replica per expert, so their dispatch has nothing to choose, and `lplb`
-    is adaptive by definition."""
+    and capacity have one replica per expert, so their dispatch has nothing to choose; `lplb` is
+    adaptive by definition, and when it runs, `eplb` keeps EPLB's own even shares (as published)."""
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
         raise InputError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
@@ -54,10 +54,14 @@ def make_policies(names: list[str], dispatch: str = "adaptive", **common) -> lis
     ordered = ["static"] + [n for n in POLICIES if n in names and n != "static"]
     out = []
     for n in ordered:
-        modes = ["adaptive"] if n == "lplb" else ["plan"] if n in FIXED else \
-            ["adaptive", "plan"] if dispatch == "both" else [dispatch]
+        if n == "lplb":
+            modes = ["adaptive"]
+        elif n in FIXED or (n == "eplb" and "lplb" in ordered):  # EPLB as published; lplb is its adaptive twin
+            modes = ["plan"]
+        else:
+            modes = ["adaptive", "plan"] if dispatch == "both" else [dispatch]
         for mode in modes:
-            name = f"{n} (plan shares)" if dispatch == "both" and mode == "plan" and n not in FIXED else n
+            name = f"{n} (plan shares)" if dispatch == "both" and len(modes) == 2 and mode == "plan" else n
             out.append(Policy(name, n, reference="greedy" if n == "ilp" else None, dispatch=mode, **common).check())
     return out
 

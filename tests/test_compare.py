@@ -149,9 +149,12 @@ def test_dispatch_both_runs_each_replacing_policy_twice():
     pols = cmp.make_policies(["capacity", "eplb", "lplb", "greedy"], dispatch="both")
     got = [(p.name, p.solver, p.dispatch) for p in pols]
     assert got == [("static", "static", "plan"), ("capacity", "capacity", "plan"),
-                   ("eplb", "eplb", "adaptive"), ("eplb (plan shares)", "eplb", "plan"),
+                   ("eplb", "eplb", "plan"),  # EPLB as published: its adaptive twin is lplb
                    ("lplb", "lplb", "adaptive"),
                    ("greedy", "greedy", "adaptive"), ("greedy (plan shares)", "greedy", "plan")]
+    alone = cmp.make_policies(["eplb"], dispatch="both")
+    assert [(p.name, p.dispatch) for p in alone] == [("static", "plan"), ("eplb", "adaptive"),
+                                                     ("eplb (plan shares)", "plan")]
     assert [p.dispatch for p in cmp.make_policies(["greedy"], dispatch="plan")] == ["plan", "plan"]
     with pytest.raises(InputError, match="dispatch"):
         cmp.make_policies(["greedy"], dispatch="lp")
