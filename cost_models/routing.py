@@ -14,9 +14,11 @@ serves exactly its demand. The whole-token version splits by largest remainder a
 rounding leaves by the north-west corner rule, so every source sends exactly its tokens and every
 replica receives exactly its (rounded) demand.
 
-Work is vectorised over experts in a replica-compressed layout `[expert, source, j]`, where j
-runs over the expert's replicas only (`replica_table`), so a placement with few replicas per
-expert costs O(E * G * replicas), not O(E * G^2).
+`route_table` works vectorised over experts in a replica-compressed layout `[expert, source, j]`,
+where j runs over the expert's replicas only (`replica_table`), so a placement with few replicas
+per expert costs O(E * G * replicas), not O(E * G^2); it gives whole or fractional tokens.
+`route` is the fractional rule in a factorised matrix form, for the estimator's inner loops; a
+test pins it to `route_table(..., whole=False)`.
 """
 
 from __future__ import annotations
@@ -86,10 +88,6 @@ class Routing:
     def remote(self) -> np.ndarray:
         """`[src, dst]` tokens sent between different devices, all experts together."""
         return _remote(self.tokens, self.dev)
-
-    def served(self) -> np.ndarray:
-        """`[E, J]` tokens each replica serves."""
-        return self.tokens.sum(axis=1)
 
 
 def _remote(tokens: np.ndarray, dev: np.ndarray) -> np.ndarray:
