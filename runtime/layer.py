@@ -222,6 +222,8 @@ class FlexMoERuntime:
                                        transfer_timeout=transfer_timeout, group=group, log=self.log,
                                        device=device, share_rule=ShareRule(self.cluster, dispatch), wait=wait)
         self.pending = None
+        if state is not None and state.get("replan") is not None:
+            self._restore_replan(state["replan"])
         self.bind()
 
     @property
@@ -320,10 +322,26 @@ class FlexMoERuntime:
         """[3, L, E, params]: every expert's weights and AdamW moments (collective)."""
         return self.rt.full_state()
 
+    def replan_state(self) -> dict:
+        """The monitor's smoothed counts and the trigger's and planner's state (a running plan is
+        waited for): with them a resumed run re-plans on the same steps as an uninterrupted one."""
+        state = self.replanner.state() if self.replanner else {"last_trigger": 0, "seq": 0, "pending": None}
+        state["smoothed"] = None if self.monitor.smoothed is None else torch.from_numpy(self.monitor.smoothed.copy())
+        return state
+
+    def _restore_replan(self, state: dict) -> None:
+        sm = state.get("smoothed")
+        self.monitor.smoothed = None if sm is None else np.asarray(torch.as_tensor(sm).double())
+        if self.replanner:
+            pending = state.get("pending")
+            if isinstance(pending, dict):
+                pending = Plan.from_dict(pending)
+            self.replanner.restore({**state, "pending": pending})
+
     def state_dict(self) -> dict:
         """Collective: every rank must call it. Pass it back as `FlexMoERuntime(..., state=...)`."""
         return {"experts": self.full_state().cpu(), "plan": self.rt.plan.to_dict(), "adam_t": self.rt.t,
-                "step": self.step}
+                "step": self.step, "replan": self.replan_state()}
 
     def stats(self) -> dict:
         return dict(self.replanner.stats) if self.replanner else {}

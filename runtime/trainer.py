@@ -30,9 +30,8 @@ from runtime.data import Batches, load_corpus
 from runtime.experts import init_experts
 from runtime.layer import FlexMoERuntime
 from runtime.model import ModelConfig, MoEGPT
-from runtime.monitor import Monitor, device_tokens, worst_balance
-from runtime.owners import ExpertRuntime
-from runtime.replan import POLICIES, Faults, Replanner
+from runtime.monitor import device_tokens, worst_balance
+from runtime.replan import POLICIES, Faults
 
 
 # Busy time of each step's parts on this rank (rank 0's go into the result).
@@ -149,13 +148,13 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
     experts = init_experts(m.n_layers * m.num_experts, m.d_model, m.d_ff,
                            torch.Generator().manual_seed(cfg.seed + 1)).view(m.n_layers, m.num_experts, -1)
     dense_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
-    start, state, resumed = 0, None, None
+    start, state = 0, None
     if cfg.resume:
         doc = ckpt.load(cfg.resume, m.to_dict(), world)
-        plan, resumed = doc["plan"], doc.get("replan")
+        plan = doc["plan"]
         model.load_state_dict(doc["dense"])
         dense_opt.load_state_dict(doc["dense_opt"])
-        state, start = doc, doc["step"]  # experts' weights and moments, placement, step, AdamW steps
+        state, start = doc, doc["step"]  # experts' weights and moments, placement, step, re-plan state
         torch.set_rng_state(doc["rng"])
     else:
         plan = initial_plan(cfg, world)
@@ -168,10 +167,6 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
                         transfer_timeout=cfg.transfer_timeout, weights=experts, state=state,
                         record=bool(cfg.trace_out), log=log, wait=cfg.reproducible)
     rt, monitor, replanner, share_rule = fx.rt, fx.monitor, fx.replanner, fx.share_rule
-    if resumed is not None:  # the trigger and the monitor continue as in the uninterrupted run
-        monitor.smoothed = resumed["smoothed"]
-        if replanner:
-            replanner.restore(resumed)
     data = Batches(load_corpus(cfg.data), m.seq_len, cfg.batch, world, rank, cfg.seed)
     params = list(model.parameters())
     losses, times, changes, balances, cpu, phases, served = [], [], [], [], [], [], []
@@ -223,7 +218,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
                     f"balance {balances[-1]:.2f}")
             if cfg.checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 try:
-                    _save(cfg, rank, rt, model, dense_opt, step + 1, monitor, replanner)
+                    _save(cfg, rank, fx, model, dense_opt, step + 1)
                 except OSError as exc:  # a full disk: keep training, the previous checkpoint stays
                     logger.warning("step %d: checkpoint not written (%s); training goes on", step + 1, exc)
     finally:
@@ -231,7 +226,7 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
     if bar is not None:
         bar.close()
     if cfg.checkpoint:
-        _save(cfg, rank, rt, model, dense_opt, max(cfg.steps, start), monitor, replanner)
+        _save(cfg, rank, fx, model, dense_opt, max(cfg.steps, start))
     state = rt.full_state()
     cpu_all = torch.tensor(cpu, dtype=torch.float64, device=device)
     if world > 1:  # every rank's busy time per step: the straggler's is the step time on dedicated cores
@@ -267,12 +262,9 @@ def train(rank: int, world: int, cfg: TrainConfig, group=None, device=None) -> d
     return result
 
 
-def _save(cfg: TrainConfig, rank: int, rt: ExpertRuntime, model, dense_opt, step: int, monitor: Monitor,
-          replanner: Replanner | None) -> None:
-    state = rt.full_state()  # collective: every rank takes part
-    replan = replanner.state() if replanner else {"last_trigger": 0, "seq": 0, "pending": None}
-    replan["smoothed"] = None if monitor.smoothed is None else torch.from_numpy(monitor.smoothed.copy())
+def _save(cfg: TrainConfig, rank: int, fx: FlexMoERuntime, model, dense_opt, step: int) -> None:
+    state, replan = fx.full_state(), fx.replan_state()  # collective: every rank takes part
     if rank == 0:
-        ckpt.save(cfg.checkpoint, model_cfg=cfg.model.to_dict(), step=step, adam_t=rt.t,
-                  dense=model.state_dict(), dense_opt=dense_opt.state_dict(), experts=state, plan=rt.plan,
+        ckpt.save(cfg.checkpoint, model_cfg=cfg.model.to_dict(), step=step, adam_t=fx.rt.t,
+                  dense=model.state_dict(), dense_opt=dense_opt.state_dict(), experts=state, plan=fx.plan,
                   replan=replan)
