@@ -1,20 +1,22 @@
-"""The re-plan trigger (runtime/replan.py): a plan starts every `interval` steps, or early (after a
-quarter of the interval) when the smoothed counts' balance exceeds the threshold. Driven through
-`Replanner.after_step` and `state()` on rank 0 of a world of one; no process group is needed."""
+"""The re-planner (runtime/replan.py) on rank 0 of a world of one, through its public methods; no
+process group is needed. The trigger: a plan starts every `interval` steps, or early (after a
+quarter of the interval) when the smoothed counts' balance exceeds the threshold. The broadcast:
+a finished plan is validated before it is handed out."""
 
 import numpy as np
 
 from planner.plan import Plan, static_layer
-from runtime.replan import Replanner
+from runtime.replan import Faults, Replanner
 from tests.planner_helpers import make_cluster
 
 E, SLOTS = 4, np.array([2, 2])
 PLAN = Plan(E, SLOTS, [static_layer(E, SLOTS)])  # experts 0, 1 on device 0; 2, 3 on device 1
 
 
-def replanner(policy="dynamic", interval=8, threshold=1.1):
+def replanner(policy="dynamic", interval=8, threshold=1.1, faults=None):
     return Replanner(policy, rank=0, world=1, num_experts=E, slots=SLOTS, layers=1,
-                     cluster=make_cluster(per_node=2, slots=2), interval=interval, threshold=threshold)
+                     cluster=make_cluster(per_node=2, slots=2), interval=interval, threshold=threshold,
+                     faults=faults)
 
 
 def counts(device0, device1):
@@ -58,3 +60,24 @@ def test_the_static_policy_never_triggers_and_the_random_one_only_on_the_interva
     assert triggered_at(r, range(7), counts(400, 0)) == 0
     assert triggered_at(r, [7], counts(400, 0)) == 8
     r.close()
+
+
+def _swapped():
+    """PLAN with experts 1 and 2 swapped between the devices: a valid, different placement."""
+    lp = static_layer(E, SLOTS)
+    lp.assign[0, 1], lp.assign[1, 0] = 2, 1
+    lp.owner[1], lp.owner[2] = 1, 0
+    return Plan(E, SLOTS, [lp])
+
+
+def test_a_finished_plan_is_handed_out_once_and_a_corrupt_one_is_rejected():
+    r = replanner()
+    r.restore({"last_trigger": 0, "seq": 0, "pending": _swapped()})  # as if the planner had finished
+    got = r.poll(3, PLAN)
+    assert got is not None and got.seq == 1 and got.commit_step == 3
+    assert np.array_equal(got.plan.layers[0].assign, _swapped().layers[0].assign)
+    assert r.poll(4, PLAN) is None  # nothing new
+    bad = replanner(faults=Faults(corrupt_plans={1}))  # plan 1's broadcast names an owner outside the cluster
+    bad.restore({"last_trigger": 0, "seq": 0, "pending": _swapped()})
+    assert bad.poll(3, PLAN) is None
+    assert bad.stats["rejected"] == 1 and bad.stats["plans"] == 1
