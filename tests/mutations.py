@@ -40,6 +40,10 @@ class Mutation:
     replacement: str
     tests: tuple[str, ...]  # test files to run
     breaks: str  # what the mutation breaks, in words
+    elsewhere: tuple[tuple[str, str, str], ...] = ()  # (file, original, replacement) where the code may move
+
+    def sites(self):
+        return ((self.file, self.original, self.replacement), *self.elsewhere)
 
 
 MUTATIONS = [
@@ -109,8 +113,9 @@ MUTATIONS = [
              "    if ((phy2log < EMPTY) | (phy2log >= num_experts)).any():\n",
              "    if (phy2log >= num_experts).any():\n",
              ("tests/test_plan.py",), "EPLB mapping accepts ids below -1 (the empty slot)"),
-    Mutation("greedy-returns-its-start", "planner/greedy.py",
-             "    obj, i = min(scored)\n", "    obj, i = scored[0]\n",
+    Mutation("greedy-returns-its-start", "planner/greedy.py",  # cands[0] is the start (static) placement
+             "    name, x, share, owner = cands[i]\n    return x, share, owner, {\"solver\": \"greedy\"",
+             "    name, x, share, owner = cands[0]\n    return x, share, owner, {\"solver\": \"greedy\"",
              ("tests/test_planner_solve.py",), "greedy returns its input (static) placement"),
     Mutation("ilp-returns-its-hint", "planner/ilp.py",
              "    info.update(returned=\"ilp\")\n    return x, share, owner, info\n",
@@ -127,7 +132,8 @@ MUTATIONS = [
              ("tests/test_planner_solve.py",), "solvers judge plans without their migration cost"),
     Mutation("capacity-drops-nothing", "planner/baselines.py",
              "\"dropped_tokens\": int(dropped),", "\"dropped_tokens\": 0,",
-             ("tests/test_planner_solve.py",), "the capacity baseline reports no dropped tokens"),
+             ("tests/test_planner_solve.py",), "the capacity baseline reports no dropped tokens",
+             (("planner/solvers.py", "\"dropped_tokens\": int(dropped),", "\"dropped_tokens\": 0,"),)),
     # --- runtime ---------------------------------------------------------------------------------
     Mutation("trigger-comparison-flipped", "runtime/replan.py",
              "            due = balance(smoothed, plan, self.share_rule) > self.threshold\n",
@@ -152,7 +158,7 @@ MUTATIONS = [
              "                m.copy_(moments[0, l, e])\n", "                pass\n",
              ("tests/test_resume_exact.py",), "a resumed run starts the owners' first moments at zero"),
     Mutation("resume-forgets-dense-optimizer", "runtime/trainer.py",
-             "        dense_opt.load_state_dict(doc[\"dense_opt\"])\n", "        pass\n",
+             "dense_opt.load_state_dict(doc[\"dense_opt\"])", "dense_opt.__class__  # load_state_dict skipped",
              ("tests/test_resume_exact.py",), "a resumed run starts the dense AdamW afresh"),
     Mutation("checkpoint-accepts-other-world", "runtime/checkpoint.py",
              "    if world is not None and plan.num_devices != world:\n", "    if False:\n",
@@ -215,15 +221,19 @@ def sweep(mutations: list[Mutation], timeout_s: float, baseline: bool) -> list[t
             if failed:
                 raise SystemExit("the unmutated tree fails its tests: fix that first")
         for m in mutations:
-            target = tree / m.file
-            text = target.read_text() if target.exists() else ""
-            found = text.count(m.original)
+            found, target, text, original, replacement = 0, None, "", "", ""
+            for file, original, replacement in m.sites():  # the first site that holds the snippet
+                target = tree / file
+                text = target.read_text() if target.exists() else ""
+                found = text.count(original)
+                if found:
+                    break
             missing = [f for f in m.tests if not (tree / f).exists()]
             if found != 1 or missing:
-                why = "snippet missing" if found == 0 else f"snippet found {found} times" if found else ""
+                why = "snippet missing" if found == 0 else f"snippet found {found} times" if found > 1 else ""
                 rows.append((m, why or f"test file missing: {missing}", "", 0.0))
             else:
-                target.write_text(text.replace(m.original, m.replacement))
+                target.write_text(text.replace(original, replacement))
                 try:
                     failed, which, s = run_tests(tree, m.tests, timeout_s)
                 finally:
