@@ -158,3 +158,15 @@ def test_dispatch_both_runs_each_replacing_policy_twice():
     assert [p.dispatch for p in cmp.make_policies(["greedy"], dispatch="plan")] == ["plan", "plan"]
     with pytest.raises(InputError, match="dispatch"):
         cmp.make_policies(["greedy"], dispatch="lp")
+
+
+def test_slots_option_overrides_the_cluster_files_slots(inputs, tmp_path, capsys):
+    t, c = inputs  # the cluster file has 3 slots per device: 12 for 8 experts
+    code, _, err = run(capsys, "compare", "-c", c, "-t", t, "-o", tmp_path / "few", "--slots", 1,
+                       "--policies", "static", "--no-progress")
+    assert code == 2 and "fewer than the 8 experts" in err and not (tmp_path / "few").exists()
+    local_cpu(slots=1, world_size=4).save(c)  # too few in the file, enough with --slots
+    code, text, err = run(capsys, "compare", "-c", c, "-t", t, "-o", tmp_path / "r", "--slots", 4, "--steps", 2,
+                          "--policies", "greedy", "--no-figures", "--no-progress")
+    assert code == 0, err
+    assert "slots [4] per device (16 in all)" in text

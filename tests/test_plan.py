@@ -86,6 +86,9 @@ def test_eplb_file_round_trip_and_duplicates(tmp_path):
         from_eplb(np.array([[0, 0, 2, 2]]), 2, num_experts=3)
     with pytest.raises(InputError, match="do not divide"):
         from_eplb(np.array([[0, 1, 2]]), 2)
+    for bad in (-2, 3):  # -1 is EPLB's empty slot; anything else outside 0..2 is refused by name
+        with pytest.raises(InputError, match=r"outside -1\.\.2"):
+            from_eplb(np.array([[0, 1, bad, 2]]), 2, num_experts=3)
 
 
 def test_validation_catches_each_defect():

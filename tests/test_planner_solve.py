@@ -34,22 +34,28 @@ def test_every_solver_gives_a_valid_scored_plan(solver):
     assert lp.info["objective"] >= lp.info["lower_bound"] * (1 - 1e-9)
 
 
-def test_greedy_is_deterministic_and_beats_static():
+def test_greedy_is_deterministic_and_cuts_a_skewed_step_by_more_than_half():
     c = make_cluster(nodes=2, per_node=4, slots=3, a=1e-5, fast=False)
     counts = spread([5000, 100, 900, 30, 30, 2000, 400, 10, 10, 10, 600, 80], 8, seed=3)
     a = plan_layer(c, counts, solver="greedy")
     b = plan_layer(c, counts, solver="greedy")
     assert np.array_equal(a.assign, b.assign) and np.allclose(a.share, b.share)
     static = plan_layer(c, counts, solver="static")
-    assert a.info["objective"] <= static.info["objective"]
+    # measured: 1.61 ms against static's 5.57 ms; greedy returning its input would tie static
+    assert a.info["objective"] < 0.5 * static.info["objective"]
+    assert a.info["objective"] == pytest.approx(
+        estimate(c, counts, a.replicas(), a.shares(), a.owner).step_time)  # no current plan: no migration
 
 
-def test_greedy_counts_migration_against_the_current_plan():
+def test_greedy_moves_experts_only_when_the_migration_pays_off_over_the_interval():
     c = make_cluster(nodes=1, per_node=4, slots=2, a=1e-5, fast=False)
-    counts = spread([400, 380, 420, 410], 4)
+    counts = spread([400, 380, 420, 410], 4)  # nearly balanced: a move gains little per step
     cur = static_layer(4, c.slots)
-    lp = plan_layer(c, counts, cur, solver="greedy", interval=1)
-    assert lp.info["objective"] <= plan_layer(c, counts, cur, solver="static", interval=1).info["objective"]
+    once = plan_layer(c, counts, cur, solver="greedy", interval=1)
+    assert np.array_equal(once.assign, cur.assign) and once.info["migration_s"] == 0.0
+    long = plan_layer(c, counts, cur, solver="greedy", interval=1000)
+    assert not np.array_equal(long.assign, cur.assign) and long.info["migration_s"] > 0
+    assert long.info["step_time_s"] < once.info["step_time_s"]
 
 
 def test_our_eplb_reproduces_the_published_example():
@@ -80,8 +86,9 @@ def test_capacity_dropping_counts_what_it_drops():
     # source 0 has 12 tokens: capacity 4 per expert; source 1 has 12: capacity 4
     assert kept.tolist() == [[4, 0, 2], [4, 4, 4]]
     assert dropped == 6
+    # the planner's capacity baseline: the same placement, the default factor 1.25 (capacity 5)
     lp = plan_layer(make_cluster(per_node=3, slots=1), counts, solver="capacity")
-    assert lp.info["dropped_tokens"] >= 0
+    assert lp.info["dropped_tokens"] == 5 and lp.info["dropped_fraction"] == pytest.approx(5 / 24)
     with pytest.raises(InputError, match="capacity factor"):
         drop_over_capacity(counts, x, x, 0.0)
 

@@ -9,7 +9,7 @@ import pytest
 from cost_models.cluster import INTER, INTRA, Cluster, ExpertShape
 from cost_models.files import InputError
 from cost_models.profiler import ProfileOptions, build_cluster, profile
-from cost_models.routing import apportion, route_tokens
+from cost_models.routing import apportion, route, route_tokens
 from experiments.validate_estimator import cases
 from flexmoe.cli import main
 
@@ -62,7 +62,7 @@ def test_bad_options_are_input_errors():
 
 
 def test_missing_cuda_is_a_clear_error(capsys, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch  # a dependency: never skipped for its absence
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA")
     with pytest.raises(SystemExit) as exc:
@@ -72,13 +72,22 @@ def test_missing_cuda_is_a_clear_error(capsys, tmp_path):
     assert not (tmp_path / "c.json").exists()
 
 
-def test_validation_cases_route_exactly():
+def test_validation_cases_route_exactly_as_the_estimator_routes():
+    """The whole-token flow the validation's steps send equals the estimator's fractional routing
+    on every case (their demands are whole tokens), so measured and predicted traffic match."""
     for case in cases(num_experts=8, tokens=512):
-        n = route_tokens(case.counts, case.share)
+        n = route_tokens(case.counts, case.share)  # [source, expert, device], what the workers send
         assert (n.sum(axis=2) == case.counts).all()  # every token goes somewhere
         assert (n.sum(axis=0)[~case.x] == 0).all()  # never to a device without a replica
         served = n.sum(axis=0)  # [expert, device]: each replica serves its share, rounded
         assert (served == apportion(case.counts.sum(axis=0), case.share)).all()
+        local, remote = route(case.counts, case.share)  # the estimator's
+        sent = n.sum(axis=1).astype(float)
+        assert (np.diagonal(n, axis1=0, axis2=2) == local).all(), case.name
+        np.fill_diagonal(sent, 0.0)
+        assert (sent == remote).all(), case.name
+    replicated = cases(num_experts=8, tokens=512)[-1]
+    assert replicated.x[0].all() and 0 < replicated.share[0, 1] < 1  # the case that splits an expert
 
 
 def test_profile_quick_world_size_2(tmp_path, capsys):

@@ -1,0 +1,273 @@
+"""Mutation sweep: does the test suite fail when the code under test breaks?
+
+Each mutation replaces one exact snippet of one file with a broken version. The sweep copies the
+working tree into a temporary directory, applies one mutation at a time there (the real files are
+never touched), runs the named test files with `-x -q` and prints whether the suite caught it and
+by which test. A snippet no longer in the code (after a refactor) is reported as "snippet missing",
+not an error: update the snippet, then re-run.
+
+    PYTHONPATH=$PWD python tests/mutations.py            # every mutation
+    PYTHONPATH=$PWD python tests/mutations.py -k greedy  # those whose name contains "greedy"
+    PYTHONPATH=$PWD python tests/mutations.py --list
+
+Not collected by pytest (the name does not start with `test_`). Exit status 1 if any present
+mutation survived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info",
+                                "build", "dist", "out", "report", "demo-out")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # must occur exactly once
+    replacement: str
+    tests: tuple[str, ...]  # test files to run
+    breaks: str  # what the mutation breaks, in words
+    elsewhere: tuple[tuple[str, str, str], ...] = ()  # (file, original, replacement) where the code may move
+
+    def sites(self):
+        return ((self.file, self.original, self.replacement), *self.elsewhere)
+
+
+MUTATIONS = [
+    # --- cost models ---------------------------------------------------------------------------
+    Mutation("apportion-off-by-one", "cost_models/routing.py",
+             "    base += rank < left[:, None]\n", "    base += rank <= left[:, None]\n",
+             ("tests/test_routing.py",), "largest-remainder rounding hands out one token too many"),
+    Mutation("route-table-ignores-shares", "cost_models/routing.py",
+             "    sh = np.where(valid, np.take_along_axis(share, cols, axis=1), 0.0)\n",
+             "    sh = np.where(valid, 1.0, 0.0)\n",
+             ("tests/test_routing.py",), "whole-token routing splits every expert evenly over its replicas"),
+    Mutation("route-ignores-shares", "cost_models/routing.py",
+             "    demand = c.sum(axis=1, keepdims=True) * share\n",
+             "    demand = c.sum(axis=1, keepdims=True) * (share > 0) / np.maximum((share > 0).sum(axis=1, "
+             "keepdims=True), 1)\n",
+             ("tests/test_routing.py", "tests/test_estimator.py"),
+             "the estimator's fractional routing splits every expert evenly"),
+    Mutation("estimator-drops-sync", "cost_models/estimator.py",
+             "compute + a2a + sync)", "compute + a2a)",
+             ("tests/test_estimator.py",), "step time leaves out replica synchronisation"),
+    Mutation("lower-bound-too-high", "cost_models/estimator.py",
+             "    return float((tokens + experts * (a / b).min()) / (1.0 / b).sum())\n",
+             "    return 1.5 * float((tokens + experts * (a / b).min()) / (1.0 / b).sum())\n",
+             ("tests/test_estimator.py",), "the estimator's lower bound exceeds real step times"),
+    Mutation("migration-costs-nothing", "cost_models/estimator.py",
+             "    return float((np.maximum(si, ri) + np.maximum(so, ro) + latency).max())\n",
+             "    return 0.0\n",
+             ("tests/test_estimator.py", "tests/test_planner_solve.py"), "moving experts is free"),
+    Mutation("route-skips-the-node-stage", "cost_models/routing.py",
+             "    if nodes is not None:  # 2. inside each node", "    if False:  # 2. inside each node",
+             ("tests/test_routing.py", "tests/test_estimator.py"),
+             "the estimator's routing crosses nodes before filling replicas inside the node"),
+    Mutation("atomic-write-direct", "cost_models/files.py",
+             "    with atomic_path(path) as tmp:\n        tmp.write_text(text)\n",
+             "    Path(path).write_text(text)\n",
+             ("tests/test_atomic_writes.py",), "write_text_atomic writes the target in place"),
+    Mutation("outputs-may-overwrite-inputs", "cost_models/files.py",
+             "        if key in ins:\n", "        if False:\n",
+             ("tests/test_hostile_inputs.py",), "an output path equal to an input is accepted"),
+    Mutation("finite-number-accepts-nan", "cost_models/files.py",
+             "    if not math.isfinite(value):\n", "    if False:\n",
+             ("tests/test_hostile_inputs.py",), "a NaN or infinite number passes the input checks"),
+    # --- planner ---------------------------------------------------------------------------------
+    Mutation("trace-accepts-negative-counts", "planner/trace.py",
+             "    if (counts < 0).any():\n", "    if False:\n",
+             ("tests/test_hostile_inputs.py",), "a trace with negative token counts is read"),
+    Mutation("plan-validation-skips-share-sums", "planner/plan.py",
+             "        if len(off):\n            raise InputError(f\"{prefix}shares of expert",
+             "        if False:\n            raise InputError(f\"{prefix}shares of expert",
+             ("tests/test_plan.py",), "a plan whose shares do not sum to 1 validates"),
+    Mutation("plan-validation-skips-owner", "planner/plan.py",
+             "        if len(orphans):\n", "        if False:\n",
+             ("tests/test_plan.py",), "an owner without a replica validates"),
+    Mutation("step-shares-always-fallback", "planner/step_shares.py",
+             "        if response.status != linear_solver_pb2.MPSOLVER_OPTIMAL:\n",
+             "        if True:\n",
+             ("tests/test_step_shares.py",), "the per-step LP is never used: plan shares always"),
+    Mutation("step-shares-keeps-slower-lp", "planner/step_shares.py",
+             "        if ours > estimate(self.cluster, counts, x, plan_share, owner).step_time:\n",
+             "        if False:\n",
+             ("tests/test_step_shares.py",), "LP shares are used even where the estimator ranks them slower"),
+    Mutation("physical-map-leaves-empty", "planner/physical_map.py",
+             "        rows.append(fill_slots(assign, load).reshape(-1))\n",
+             "        rows.append(assign.reshape(-1))\n",
+             ("tests/test_interop.py",), "the physical map keeps -1 (empty) slots"),
+    Mutation("eplb-mapping-accepts-ids-below-empty", "planner/eplb_mapping.py",
+             "    if ((phy2log < EMPTY) | (phy2log >= num_experts)).any():\n",
+             "    if (phy2log >= num_experts).any():\n",
+             ("tests/test_plan.py",), "EPLB mapping accepts ids below -1 (the empty slot)"),
+    Mutation("greedy-returns-its-start", "planner/greedy.py",  # cands[0] is the start (static) placement
+             "    name, x, share, owner = cands[i]\n    return x, share, owner, {\"solver\": \"greedy\"",
+             "    name, x, share, owner = cands[0]\n    return x, share, owner, {\"solver\": \"greedy\"",
+             ("tests/test_planner_solve.py",), "greedy returns its input (static) placement"),
+    Mutation("ilp-returns-its-hint", "planner/ilp.py",
+             "    info.update(returned=\"ilp\")\n    return x, share, owner, info\n",
+             "    info.update(returned=\"ilp\")\n    return hx, hs, ho, info\n",
+             ("tests/test_planner_ilp.py", "tests/test_planner_pins.py"), "the ILP hands back its hint"),
+    Mutation("bound-times-1.5", "planner/bounds.py",
+             "    return max(compute_bound(cluster, counts), traffic_bound(cluster, counts))\n",
+             "    return 1.5 * max(compute_bound(cluster, counts), traffic_bound(cluster, counts))\n",
+             ("tests/test_bounds.py",), "the quick lower bound is not valid"),
+    Mutation("objective-ignores-migration", "planner/score.py",
+             "    return estimate(cluster, counts, x, share, owner).step_time + migration_s(cluster, current, x, owner, "
+             "interval)\n",
+             "    return estimate(cluster, counts, x, share, owner).step_time\n",
+             ("tests/test_planner_solve.py",), "solvers judge plans without their migration cost"),
+    Mutation("capacity-drops-nothing", "planner/baselines.py",
+             "\"dropped_tokens\": int(dropped),", "\"dropped_tokens\": 0,",
+             ("tests/test_planner_solve.py",), "the capacity baseline reports no dropped tokens",
+             (("planner/solvers.py", "\"dropped_tokens\": int(dropped),", "\"dropped_tokens\": 0,"),)),
+    # --- runtime ---------------------------------------------------------------------------------
+    Mutation("trigger-comparison-flipped", "runtime/replan.py",
+             "            due = balance(smoothed, plan, self.share_rule) > self.threshold\n",
+             "            due = balance(smoothed, plan, self.share_rule) < self.threshold\n",
+             ("tests/test_replanner_single_rank.py",), "an early re-plan starts when balance is good, not bad"),
+    Mutation("monitor-balance-min-over-mean", "runtime/monitor.py",
+             "    return float(max(1.0, (tokens.max(axis=1)[ok] / mean[ok]).max(initial=1.0)))\n",
+             "    return float(max(1.0, (tokens.min(axis=1)[ok] / mean[ok]).max(initial=1.0)))\n",
+             ("tests/test_replanner_single_rank.py",), "the monitor's balance never reports imbalance"),
+    Mutation("replan-skips-validation", "runtime/replan.py",
+             "            plan.validate()\n", "            pass\n",
+             ("tests/test_replanner_single_rank.py",), "a corrupt broadcast plan is applied"),
+    Mutation("adamw-no-bias-correction", "runtime/owners.py",
+             "        p.addcdiv_(m, denom, value=-self.lr / (1 - self.beta1 ** t))\n",
+             "        p.addcdiv_(m, denom, value=-self.lr)\n",
+             ("tests/test_runtime_units.py",), "the experts' AdamW skips the first moment's bias correction"),
+    Mutation("dispatch-ignores-gates", "runtime/dispatch.py",
+             "    w = gate.reshape(-1)[send_pairs].unsqueeze(1).to(back.dtype)\n",
+             "    w = torch.ones_like(gate.reshape(-1)[send_pairs]).unsqueeze(1).to(back.dtype)\n",
+             ("tests/test_runtime_units.py",), "the combine ignores the gate weights"),
+    Mutation("resume-forgets-expert-moments", "runtime/layer.py",
+             "                m.copy_(moments[0, l, e])\n", "                pass\n",
+             ("tests/test_resume_exact.py",), "a resumed run starts the owners' first moments at zero"),
+    Mutation("resume-forgets-dense-optimizer", "runtime/trainer.py",
+             "dense_opt.load_state_dict(doc[\"dense_opt\"])", "dense_opt.__class__  # load_state_dict skipped",
+             ("tests/test_resume_exact.py",), "a resumed run starts the dense AdamW afresh"),
+    Mutation("checkpoint-accepts-other-world", "runtime/checkpoint.py",
+             "    if world is not None and plan.num_devices != world:\n", "    if False:\n",
+             ("tests/test_hostile_inputs.py",), "a checkpoint for another world size is loaded"),
+    # --- experiments and the command line --------------------------------------------------------
+    Mutation("compare-ignores-slots", "flexmoe/commands/compare.py",
+             "        c = c.with_slots(slots)\n", "        pass\n",
+             ("tests/test_compare.py",), "compare --slots is accepted and ignored"),
+]
+
+
+def copy_tree(dest: Path) -> Path:
+    tree = dest / "tree"
+    shutil.copytree(ROOT, tree, ignore=IGNORE)
+    return tree
+
+
+def env_for(tree: Path) -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return env
+
+
+def check_imports_from(tree: Path) -> None:
+    """The copy's modules, not an installed checkout's, must be the ones the tests import."""
+    out = subprocess.run([sys.executable, "-c", "import planner, runtime, cost_models, flexmoe;"
+                          "print(planner.__file__, runtime.__file__, cost_models.__file__, flexmoe.__file__)"],
+                         cwd=tree, env=env_for(tree), capture_output=True, text=True, check=True).stdout.split()
+    stray = [p for p in out if not Path(p).resolve().is_relative_to(tree.resolve())]
+    if stray:
+        raise SystemExit(f"the copy imports modules from elsewhere: {stray}")
+
+
+def run_tests(tree: Path, files: tuple[str, ...], timeout_s: float) -> tuple[bool, str, float]:
+    """(failed, which test failed first or why, seconds)."""
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files]
+    try:
+        p = subprocess.run(cmd, cwd=tree, env=env_for(tree), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return True, f"timed out after {timeout_s:.0f} s", time.monotonic() - t0
+    seconds = time.monotonic() - t0
+    if p.returncode == 0:
+        return False, "", seconds
+    text = p.stdout + p.stderr
+    m = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", text, re.M)
+    return True, m.group(1) if m else f"pytest exit {p.returncode}: {text.strip().splitlines()[-1:]}", seconds
+
+
+def sweep(mutations: list[Mutation], timeout_s: float, baseline: bool) -> list[tuple[Mutation, str, str, float]]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="flexmoe-mutants-") as tmp:
+        tree = copy_tree(Path(tmp))
+        check_imports_from(tree)
+        if baseline:
+            files = tuple(sorted({f for m in mutations for f in m.tests if (tree / f).exists()}))
+            failed, which, s = run_tests(tree, files, timeout_s * 4)
+            print(f"baseline ({len(files)} files, {s:.0f} s): {'FAILS at ' + which if failed else 'passes'}",
+                  flush=True)
+            if failed:
+                raise SystemExit("the unmutated tree fails its tests: fix that first")
+        for m in mutations:
+            found, target, text, original, replacement = 0, None, "", "", ""
+            for file, original, replacement in m.sites():  # the first site that holds the snippet
+                target = tree / file
+                text = target.read_text() if target.exists() else ""
+                found = text.count(original)
+                if found:
+                    break
+            missing = [f for f in m.tests if not (tree / f).exists()]
+            if found != 1 or missing:
+                why = "snippet missing" if found == 0 else f"snippet found {found} times" if found > 1 else ""
+                rows.append((m, why or f"test file missing: {missing}", "", 0.0))
+            else:
+                target.write_text(text.replace(original, replacement))
+                try:
+                    failed, which, s = run_tests(tree, m.tests, timeout_s)
+                finally:
+                    target.write_text(text)
+                rows.append((m, "caught" if failed else "SURVIVED", which, s))
+            r = rows[-1]
+            print(f"  {r[0].name}: {r[1]} {r[2]} ({r[3]:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows) -> str:
+    head = ("mutation", "file", "result", "caught by", "s")
+    body = [(m.name, m.file, result, which, f"{s:.0f}") for m, result, which, s in rows]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, body)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", default="", help="only mutations whose name contains this")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutation's test run")
+    ap.add_argument("--baseline", action="store_true", help="first check the unmutated tree passes")
+    a = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS if a.k in m.name]
+    if a.list:
+        for m in chosen:
+            print(f"{m.name:34s} {m.file:30s} {m.breaks}")
+        return 0
+    rows = sweep(chosen, a.timeout, a.baseline)
+    print(table(rows))
+    return 1 if any(r[1] == "SURVIVED" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
