@@ -1,9 +1,10 @@
 """The solver registry: every placement policy the planner, the CLI and the runtime accept, by name.
 
-A solver is `(cluster, counts[S, E], current, options) -> Placement`; `planner.solve.plan_layer`
-checks the inputs before calling it and scores its placement with the estimator after, so a
-solver only searches. Adding one here adds it to `flexmoe plan --solver`, `flexmoe train
---solver`, `flexmoe compare --policies` and the runtime's planner.
+A solver is `(cluster, counts[G, E], current, options) -> Placement`, `counts` already folded onto
+the devices: `planner.solve.plan_layer` checks the inputs before calling it and scores its
+placement with the estimator after, so a solver only searches. Adding one here adds it to
+`flexmoe plan --solver`, `flexmoe train --solver`, `flexmoe compare --policies` and the runtime's
+planner.
 """
 
 from __future__ import annotations
