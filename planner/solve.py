@@ -43,7 +43,7 @@ def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None =
         lp.info.update(objective_kind="balance", step_time_s=real.step_time,
                        migration_s=score.migration_s(cluster, current, lp.replicas(), lp.owner, interval))
         return lp
-    counts = score.check_inputs(cluster, counts, current, interval)
+    counts = score.check_loads(cluster, counts, current, interval)
     options = SolveOptions(time_budget=time_budget, workers=workers, seed=seed, interval=interval,
                            reproducible=reproducible)
     t0 = time.perf_counter()
