@@ -34,16 +34,18 @@ from cost_models.cluster import Cluster
 from cost_models.estimator import estimate, migration_time, migration_transfers
 from cost_models.files import InputError
 from planner.plan import LayerPlan, static_layer
+from planner.solve import PREDICTORS
+from planner.solvers import SOLVERS
 from planner.step_shares import DISPATCH_MODES, ShareRule
 from planner.trace import Trace
 
-POLICIES = ("static", "capacity", "shadow", "eplb", "lplb", "greedy", "ilp")
 # Policies that are another policy's placement under a fixed dispatch: LPLB is EPLB's placement with
 # per-step LP shares (DeepSeek LPLB, SGLang's `lp` dispatch).
 PLACEMENT_OF = {"lplb": "eplb"}
+# Every registered solver, each followed by the policies built on its placement (report order).
+POLICIES = tuple(p for s in SOLVERS for p in (s, *(d for d, base in PLACEMENT_OF.items() if base == s)))
 # Policies that keep the static placement for the whole run (capacity only drops tokens).
 FIXED = ("static", "capacity")
-PREDICTORS = ("last", "mean", "ema")
 
 
 @dataclass(frozen=True)

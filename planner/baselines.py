@@ -21,24 +21,6 @@ from planner.score import objective
 CAPACITY_FACTOR = 1.25
 
 
-def run(solver: str, cluster: Cluster, counts: np.ndarray, current, interval: int = 50,
-        capacity_factor: float = CAPACITY_FACTOR):
-    if solver == "eplb":
-        x, share = eplb(counts.sum(axis=0), cluster.slots, cluster.node_of)
-        return x, share, None, {"solver": "eplb", "status": "constructed"}
-    if solver == "shadow":
-        x, share, owner, n = shadow(cluster, counts, current, interval)
-        return x, share, owner, {"solver": "shadow", "status": "constructed", "shadowed": n}
-    if solver == "capacity":
-        lp = static_layer(counts.shape[1], cluster.slots)
-        x, share = lp.replicas(), lp.shares()
-        _, dropped = drop_over_capacity(counts, x, share, capacity_factor)
-        return x, share, lp.owner, {"solver": "capacity", "status": "constructed",
-                                    "capacity_factor": capacity_factor, "dropped_tokens": int(dropped),
-                                    "dropped_fraction": float(dropped / max(counts.sum(), 1))}
-    raise InputError(f"unknown baseline {solver!r}")
-
-
 # --- EPLB ------------------------------------------------------------------------------------
 def replicate(load: np.ndarray, total: int) -> np.ndarray:
     """Replica counts: each spare slot goes to the expert with the highest load per replica."""

@@ -20,9 +20,13 @@ EPS = 1e-12
 
 
 def check_inputs(cluster: Cluster, counts, current: LayerPlan | None, solver: str, interval: int) -> np.ndarray:
-    from planner.solve import SOLVERS
-    if solver not in SOLVERS:
-        raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    """The old signature, kept only until experiments/offline.py calls `check_loads` (its owner is
+    rewriting it): solver names are checked by `planner.solvers.check_solver`, not here."""
+    return check_loads(cluster, counts, current, interval)
+
+
+def check_loads(cluster: Cluster, counts, current: LayerPlan | None, interval: int) -> np.ndarray:
+    """`counts[S, E]` folded to `[G, E]` once loads, interval and current plan fit the cluster."""
     counts = np.asarray(counts)
     if counts.ndim != 2:
         raise InputError(f"loads must be 2-D [source, expert], got shape {counts.shape}")

@@ -1,6 +1,7 @@
 """Planner entry points: one layer (`plan_layer`), a whole model (`make_plan`), load prediction.
 
-Every solver returns a placement; this module scores it with the estimator so that every plan's
+The solvers themselves are in the registry (`planner/solvers.py`); this module checks the inputs
+once, runs the named solver and scores its placement with the estimator, so that every plan's
 `info` carries numbers from the one cost model, whichever solver made it.
 """
 
@@ -13,9 +14,10 @@ import numpy as np
 from cost_models.cluster import Cluster
 from cost_models.estimator import estimate
 from cost_models.files import InputError
-from planner.plan import LayerPlan, Plan, static_layer
+from planner import score
+from planner.plan import LayerPlan, Plan
+from planner.solvers import SOLVERS, SolveOptions, check_solver
 
-SOLVERS = ("static", "greedy", "ilp", "eplb", "shadow", "capacity")
 PREDICTORS = ("last", "mean", "ema")
 OBJECTIVES = ("time", "balance")
 
@@ -31,7 +33,7 @@ def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None =
     "balance" minimises the compute makespan alone, as if links were free; then `objective`,
     `gap` and the bounds in `info` are the compute model's, while `step_time_s` and `migration_s`
     are still estimated on the real cluster."""
-    from planner import score
+    check_solver(solver)
     if objective not in OBJECTIVES:
         raise InputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if objective == "balance":
@@ -41,26 +43,13 @@ def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None =
         lp.info.update(objective_kind="balance", step_time_s=real.step_time,
                        migration_s=score.migration_s(cluster, current, lp.replicas(), lp.owner, interval))
         return lp
-    counts = score.check_inputs(cluster, counts, current, solver, interval)
+    counts = score.check_loads(cluster, counts, current, interval)
+    options = SolveOptions(time_budget=time_budget, workers=workers, seed=seed, interval=interval,
+                           reproducible=reproducible)
     t0 = time.perf_counter()
-    num_experts = counts.shape[1]
-    if solver == "static":
-        lp = static_layer(num_experts, cluster.slots, layer_id)
-        x, sh, own = lp.replicas(), lp.shares(), lp.owner
-        info = {"solver": "static", "status": "constructed"}
-    elif solver == "greedy":
-        from planner.greedy import greedy
-        x, sh, own, info = greedy(cluster, counts, current, interval=interval)
-    elif solver == "ilp":
-        from planner.ilp import ilp
-        x, sh, own, info = ilp(cluster, counts, current, time_budget=time_budget, workers=workers, seed=seed,
-                               interval=interval, reproducible=reproducible)
-    else:
-        from planner import baselines
-        x, sh, own, info = baselines.run(solver, cluster, counts, current, interval)
-    info["solve_time_s"] = time.perf_counter() - t0
-    info["objective_kind"] = "time"
-    return score.finish(cluster, counts, x, sh, own, current, interval, layer_id, info)
+    placed = SOLVERS[solver](cluster, counts, current, options)
+    info = dict(placed.info, solve_time_s=time.perf_counter() - t0, objective_kind="time")
+    return score.finish(cluster, counts, placed.x, placed.share, placed.owner, current, interval, layer_id, info)
 
 
 def make_plan(cluster: Cluster, loads: np.ndarray, current: Plan | None = None, **kw) -> Plan:

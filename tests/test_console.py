@@ -9,6 +9,7 @@ import pytest
 from cost_models.files import remove_stale_temps
 from flexmoe import __version__
 from flexmoe.cli import main
+from planner.solvers import SOLVERS
 
 
 def run(capsys, *argv):
@@ -34,7 +35,7 @@ def test_quiet_keeps_only_the_summary_line_wherever_it_is_written(tmp_path, caps
 
 def test_help_shows_choices_and_the_balance_definition(capsys):
     code, out, _ = run(capsys, "plan", "--help")
-    assert code == 0 and "ilp|greedy|eplb" in out.replace(" ", "") and "balancedness" in " ".join(out.split())
+    assert code == 0 and "|".join(SOLVERS) in out.replace(" ", "") and "balancedness" in " ".join(out.split())
 
 
 def test_preset_dtype_applies_without_hidden_and_ffn(tmp_path, capsys):

@@ -6,7 +6,8 @@ from cost_models.files import InputError
 from planner.baselines import drop_over_capacity, eplb
 from planner.eplb_mapping import from_eplb
 from planner.plan import static_layer
-from planner.solve import SOLVERS, make_plan, plan_layer, predict
+from planner.solve import make_plan, plan_layer, predict
+from planner.solvers import SOLVERS
 from tests.planner_helpers import make_cluster, spread
 
 # DeepSeek EPLB's README example: 2 layers x 12 experts, 16 replicas, 4 groups, 2 nodes, 8 GPUs.

@@ -12,6 +12,7 @@ import typer
 
 from cost_models.files import InputError, check_outputs, finite_number, whole_number
 from flexmoe import console
+from flexmoe.commands.options import PredictorName
 
 
 def compare_cmd(
@@ -29,7 +30,7 @@ def compare_cmd(
         interval: Annotated[int, typer.Option(help="re-plan every N trace steps (0: only on --trigger)")] = 5,
         trigger: Annotated[float, typer.Option(help="also re-plan when the last step's balance ratio "
                                                     "exceeds this (0: off)")] = 0.0,
-        predictor: Annotated[Literal["last", "mean", "ema"], typer.Option(help="next step's loads: the last "
+        predictor: Annotated[PredictorName, typer.Option(help="next step's loads: the last "
                              "step, the mean of --window steps, or an EMA")] = "last",
         window: Annotated[int, typer.Option(help="past steps the predictor sees")] = 5,
         ema: Annotated[float, typer.Option(help="EMA weight of the newest step")] = 0.5,
@@ -55,55 +56,77 @@ def compare_cmd(
     step time (ms), speed-up over static, balance, dropped tokens, migration and planner time.
     Balance is max/mean tokens per device (1.0 is perfect; the inverse of vLLM's and SGLang's
     'balancedness'). The report's files are written together or not at all."""
-    from cost_models.cluster import Cluster
-    from experiments.compare import load_trace, make_policies, run_all, setting_of, text_table, write_report
-    from flexmoe.commands.options import parse_layers
+    from experiments.compare import make_policies, run_all, setting_of, write_report
 
-    for value, name in ((interval, "--interval"), (window, "--window"), (workers, "--workers"), (seed, "--seed"),
-                        (slots, "--slots"), (steps, "--steps"), (stride, "--stride")):
-        whole_number(value, name, None, minimum=1 if name in ("--window", "--workers") else 0, maximum=2**31 - 1)
+    _check_numbers(interval=interval, window=window, workers=workers, seed=seed, slots=slots, steps=steps,
+                   stride=stride, trigger=trigger, ema=ema, time_budget=time_budget,
+                   offline_budget=offline_budget, capacity_factor=capacity_factor)
+    check_outputs({"--output": output}, inputs=[cluster, trace], directories=["--output"])
+    c, t = _cluster_and_trace(cluster, trace, slots, steps, layers)
+    names = [n.strip() for n in policies.split(",") if n.strip()]
+    pols = make_policies(names, dispatch=dispatch, interval=interval, trigger=trigger or None, predictor=predictor,
+                         window=window, ema=ema, time_budget=time_budget, workers=workers, seed=seed,
+                         capacity_factor=capacity_factor)
+    kw = _offline(offline_budget, names, workers)
+    results = run_all(t, c, pols, stride=stride or None, progress=console.progress(progress), **kw)
+    setting = setting_of(trace, cluster, t, c, pols[0], stride or None)
+    setting["offline_budget"] = offline_budget
+    written = write_report(output, results, setting, figures=figures)
+    _print_report(output, setting, written, offline_budget)
+
+
+def _check_numbers(*, trigger, ema, time_budget, offline_budget, capacity_factor, **whole) -> None:
+    """`whole`: the whole-number options by name (--window and --workers at least 1, the rest 0)."""
+    for name, value in whole.items():
+        flag = "--" + name.replace("_", "-")
+        whole_number(value, flag, None, minimum=1 if name in ("window", "workers") else 0, maximum=2**31 - 1)
     finite_number(trigger, "--trigger", None, minimum=0.0, maximum=1e6)
     finite_number(ema, "--ema", None, positive=True, maximum=1.0)
     finite_number(time_budget, "--time-budget", None, positive=True, maximum=86400.0)
     finite_number(offline_budget, "--offline-budget", None, minimum=0.0, maximum=86400.0)
     finite_number(capacity_factor, "--capacity-factor", None, positive=True, maximum=1e6)
-    check_outputs({"--output": output}, inputs=[cluster, trace], directories=["--output"])
+
+
+def _cluster_and_trace(cluster: Path, trace: Path, slots: int, steps: int, layers: str):
+    """The cluster (with --slots) and the trace cut to --layers and the first --steps, checked to fit."""
+    from cost_models.cluster import Cluster
+    from experiments.compare import load_trace
+    from flexmoe.commands.options import parse_layers
+
     c = Cluster.load(cluster)
     t = load_trace(trace)
-    if slots:
-        if slots < 1:
-            raise InputError(f"--slots must be >= 1, got {slots}")
+    if slots:  # >= 0 already (_check_numbers)
         c = c.with_slots(slots)
     c.check_fits(t.num_experts, cluster)
-    if steps < 0 or stride < 0:
-        raise InputError("--steps and --stride must be >= 0")
     if layers:
         t = t.select(layers=parse_layers(layers, t.num_layers))
     if steps:
         t = t.select(steps=slice(0, steps))
-    names = [n.strip() for n in policies.split(",") if n.strip()]
-    pols = make_policies(names, dispatch=dispatch, interval=interval, trigger=trigger or None, predictor=predictor, window=window,
-                         ema=ema, time_budget=time_budget, workers=workers, seed=seed,
-                         capacity_factor=capacity_factor)
-    kw = {}
-    if offline_budget:
-        from experiments.offline import offline_plan_fn
-        if "ilp" not in names:
-            raise InputError("--offline-budget compares against the ILP's re-plans: add ilp to --policies")
-        kw["plan_fn"] = offline_plan_fn(offline_budget, max(workers, 1))
-    results = run_all(t, c, pols, stride=stride or None, progress=console.progress(progress), **kw)
-    setting = setting_of(trace, cluster, t, c, pols[0], stride or None)
-    setting["offline_budget"] = offline_budget
-    written = write_report(output, results, setting, figures=figures)
+    return c, t
+
+
+def _offline(offline_budget: float, names: list[str], workers: int) -> dict:
+    """run_all's extra arguments for --offline-budget (none when it is 0)."""
+    if not offline_budget:
+        return {}
+    from experiments.offline import offline_plan_fn
+    if "ilp" not in names:
+        raise InputError("--offline-budget compares against the ILP's re-plans: add ilp to --policies")
+    return {"plan_fn": offline_plan_fn(offline_budget, max(workers, 1))}
+
+
+def _print_report(output: Path, setting: dict, written: dict, offline_budget: float) -> None:
+    from experiments.compare import text_table
+
     console.table(f"{setting['trace_desc']}\non {setting['cluster_desc']}")
     console.table(text_table(written["rows"]))
     opt = written["optimality"]
     if opt:
         console.table(f"heuristic vs optimal over {opt['replans']} ILP re-plans: greedy at most "
-                   f"{opt['greedy_over_ilp_max_pct']:.1f}% above the ILP "
-                   f"(mean {opt['greedy_over_ilp_mean_pct']:.1f}%), "
-                   f"at most {opt['greedy_over_bound_max_pct']:.1f}% above the proven bound; "
-                   f"ILP fallbacks {opt['ilp_fallbacks']}")
+                      f"{opt['greedy_over_ilp_max_pct']:.1f}% above the ILP "
+                      f"(mean {opt['greedy_over_ilp_mean_pct']:.1f}%), "
+                      f"at most {opt['greedy_over_bound_max_pct']:.1f}% above the proven bound; "
+                      f"ILP fallbacks {opt['ilp_fallbacks']}")
     off = written.get("offline")
     if off:
         console.table(f"offline ({offline_budget:g} s per instance, {off['replans']} re-plans): distance to the "

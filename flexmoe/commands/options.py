@@ -1,8 +1,18 @@
-"""Option values shared by the commands: step ranges and layer lists of a trace."""
+"""Option values shared by the commands: named choices, step ranges and layer lists of a trace."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from cost_models.files import InputError
+from planner.solve import OBJECTIVES, PREDICTORS
+from planner.solvers import SOLVERS
+
+# Option types whose choices come from the module that owns the names: `--help` lists them and any
+# other value fails in one line. (Literal of a tuple is the Literal of its items.)
+SolverName = Literal[tuple(SOLVERS)]
+PredictorName = Literal[PREDICTORS]
+ObjectiveName = Literal[OBJECTIVES]
 
 
 def parse_steps(text: str, num_steps: int) -> slice:

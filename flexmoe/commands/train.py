@@ -10,6 +10,7 @@ import typer
 
 from cost_models.files import InputError, finite_number, whole_number
 from flexmoe import console
+from flexmoe.commands.options import SolverName
 
 Opt = typer.Option
 
@@ -38,7 +39,7 @@ def train_cmd(
     dispatch: Annotated[Literal["adaptive", "plan"],
                         Opt(help="token shares per step: adaptive (re-solved from each step's counts by a "
                                  "min-max LP) or plan (the plan's own shares)")] = "adaptive",
-    solver: Annotated[Literal["greedy", "ilp", "eplb", "shadow", "static", "capacity"],
+    solver: Annotated[SolverName,
                       Opt(help="planner used by --policy dynamic")] = "greedy",
     interval: Annotated[int, Opt(help="steps between re-plans (also the amortisation window)")] = 50,
     threshold: Annotated[float, Opt(help="re-plan early when the balance (max/mean tokens per device) "
@@ -62,35 +63,48 @@ def train_cmd(
 ) -> None:
     """Train an MoE GPT; experts are re-placed live by the chosen policy. Balance is max/mean
     tokens per device (1.0 is perfect; the inverse of vLLM's and SGLang's 'balancedness')."""
-    from cost_models.launch import under_torchrun
-    from runtime.launch import run_torchrun, spawn
     from runtime.model import ModelConfig
     from runtime.trainer import TrainConfig
 
-    whole_number(world_size, "--world-size", None, minimum=1, maximum=1024)
-    whole_number(threads, "--threads", None, minimum=1, maximum=1024)
-    finite_number(timeout, "--timeout", None, positive=True)
-    for p, what in ((plan, "plan"), (cluster, "cluster"), (resume, "checkpoint"), (data, "text")):
-        if p is not None and not p.is_file():
-            raise InputError(f"a directory, not a {what} file" if p.is_dir() else f"no such {what} file", p)
+    _check_inputs(world_size, threads, timeout, {"plan": plan, "cluster": cluster, "checkpoint": resume, "text": data})
     cfg = TrainConfig(
         ModelConfig(d_model, layers, heads, d_ff, experts, top_k, seq_len, aux_coef, router_skew),
-        steps=steps, batch=batch, lr=lr, seed=seed, data=str(data) if data else None, slots=slots, policy=policy,
-        dispatch=dispatch,
+        steps=steps, batch=batch, lr=lr, seed=seed, data=_str(data), slots=slots, policy=policy, dispatch=dispatch,
         solver=solver, interval=interval, threshold=threshold, time_budget=time_budget,
-        plan=str(plan) if plan else None, cluster=str(cluster) if cluster else None,
-        trace_out=str(trace_out) if trace_out else None, checkpoint=str(checkpoint) if checkpoint else None,
-        checkpoint_every=checkpoint_every, resume=str(resume) if resume else None,
-        progress=console.progress(progress), reproducible=reproducible, summary=True,
-        metrics_out=str(metrics_out) if metrics_out else None)
-    if under_torchrun():
-        from runtime.trainer import preflight
-        preflight(cfg, int(os.environ["WORLD_SIZE"]))  # each rank, before joining the group
-        run_torchrun(cfg)
-        if int(os.environ["RANK"]) != 0:
-            return
-    else:
-        spawn(cfg, world_size, threads=threads, timeout=timeout)  # checks every input first (preflight)
+        plan=_str(plan), cluster=_str(cluster), trace_out=_str(trace_out), checkpoint=_str(checkpoint),
+        checkpoint_every=checkpoint_every, resume=_str(resume), progress=console.progress(progress),
+        reproducible=reproducible, summary=True, metrics_out=_str(metrics_out))
+    if not _launch(cfg, world_size, threads, timeout):
+        return
     written = [str(p) for p in (trace_out, checkpoint, metrics_out) if p]
     if written:
         console.log.info("wrote %s", ", ".join(written))
+
+
+def _check_inputs(world_size: int, threads: int, timeout: float, files: dict[str, Path | None]) -> None:
+    """The launcher's own numbers and the input files (`files`: what each is -> its path)."""
+    whole_number(world_size, "--world-size", None, minimum=1, maximum=1024)
+    whole_number(threads, "--threads", None, minimum=1, maximum=1024)
+    finite_number(timeout, "--timeout", None, positive=True)
+    for what, p in files.items():
+        if p is not None and not p.is_file():
+            raise InputError(f"a directory, not a {what} file" if p.is_dir() else f"no such {what} file", p)
+
+
+def _launch(cfg, world_size: int, threads: int, timeout: float) -> bool:
+    """Run the training: under torchrun as this rank, else as `world_size` local gloo processes.
+    True on the process that reports (rank 0, or the launcher)."""
+    from cost_models.launch import under_torchrun
+    from runtime.launch import run_torchrun, spawn
+
+    if not under_torchrun():
+        spawn(cfg, world_size, threads=threads, timeout=timeout)  # checks every input first (preflight)
+        return True
+    from runtime.trainer import preflight
+    preflight(cfg, int(os.environ["WORLD_SIZE"]))  # each rank, before joining the group
+    run_torchrun(cfg)
+    return int(os.environ["RANK"]) == 0
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path else None
