@@ -156,6 +156,32 @@ def expert_shape(layer: FlexMoE) -> ExpertShape:
     return ExpertShape(d, max(1, round((layer.params - d) / (2 * d + 1))), "fp32")
 
 
+def _moe_layers(model: nn.Module | Iterable[FlexMoE]) -> list[FlexMoE]:
+    """The model's FlexMoE layers in module order; they must agree on experts and their size."""
+    mods = model.modules() if isinstance(model, nn.Module) else model
+    layers = [m for m in mods if isinstance(m, FlexMoE)]
+    if not layers:
+        raise ValueError("the model has no FlexMoE layer")
+    if any(l.num_experts != layers[0].num_experts or l.params != layers[0].params for l in layers):
+        raise ValueError("every FlexMoE layer needs the same number of experts and expert parameters")
+    return layers
+
+
+def _starting_plan(plan: Plan | None, slots: int, E: int, world: int, L: int) -> Plan:
+    """`plan` checked against the model, or static expert parallelism with `slots` per rank (0:
+    one spare beyond an even split)."""
+    if plan is None:
+        per = slots or math.ceil(E / world) + 1
+        if per * world < E:
+            raise ValueError(f"{per} slots x {world} ranks cannot hold {E} experts")
+        counts = np.full(world, per)
+        plan = Plan(E, counts, [static_layer(E, counts, l) for l in range(L)], {"solver": "static"})
+    if plan.num_devices != world or plan.num_experts != E or len(plan.layers) != L:
+        raise ValueError(f"plan is for {plan.num_devices} devices, {plan.num_experts} experts, "
+                         f"{len(plan.layers)} layers; the model has {world}, {E}, {L}")
+    return plan
+
+
 def _replanner(policy: str, faults: Faults | None, **kw) -> Replanner:
     """The live policy's replanner; with faults to inject, the test double that injects them."""
     if faults:
@@ -185,13 +211,8 @@ class FlexMoERuntime:
                  faults: Faults | None = None, transfer_timeout: float = 30.0, weights: torch.Tensor | None = None,
                  state: dict | None = None, record: bool = False, log=None, wait: bool = False,
                  failure_limit: int = PLANNER_FAILURE_LIMIT):
-        mods = model.modules() if isinstance(model, nn.Module) else model
-        self.layers = [m for m in mods if isinstance(m, FlexMoE)]
-        if not self.layers:
-            raise ValueError("the model has no FlexMoE layer")
+        self.layers = _moe_layers(model)
         E = self.layers[0].num_experts
-        if any(l.num_experts != E or l.params != self.layers[0].params for l in self.layers):
-            raise ValueError("every FlexMoE layer needs the same number of experts and expert parameters")
         if rank is None or world is None:
             dist_on = dist.is_available() and dist.is_initialized()
             rank = dist.get_rank(group) if dist_on else 0
@@ -203,15 +224,7 @@ class FlexMoERuntime:
         if state is not None:
             plan = state["plan"] if isinstance(state["plan"], Plan) else Plan.from_dict(state["plan"])
             weights, moments, self.step = state["experts"][0], state["experts"][1:], int(state.get("step", 0))
-        if plan is None:
-            per = slots or math.ceil(E / world) + 1
-            if per * world < E:
-                raise ValueError(f"{per} slots x {world} ranks cannot hold {E} experts")
-            counts = np.full(world, per)
-            plan = Plan(E, counts, [static_layer(E, counts, l) for l in range(L)], {"solver": "static"})
-        if plan.num_devices != world or plan.num_experts != E or len(plan.layers) != L:
-            raise ValueError(f"plan is for {plan.num_devices} devices, {plan.num_experts} experts, "
-                             f"{len(plan.layers)} layers; the model has {world}, {E}, {L}")
+        plan = _starting_plan(plan, slots, E, world, L)
         if weights is None:
             weights = torch.stack([l.initial for l in self.layers])
         opt = AdamW(lr, betas[0], betas[1], eps, weight_decay)
