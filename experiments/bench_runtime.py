@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.defaults import REPLAN_THRESHOLD  # noqa: E402
 from runtime.launch import spawn  # noqa: E402
 from runtime.model import ModelConfig  # noqa: E402
 from runtime.trainer import TrainConfig  # noqa: E402
@@ -50,7 +51,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--interval", type=int, default=15)
     p.add_argument("--solver", default="greedy")
-    p.add_argument("--threshold", type=float, default=1.1)
+    p.add_argument("--threshold", type=float, default=REPLAN_THRESHOLD)
     p.add_argument("--slots", type=int, default=0, help="expert slots per rank (0: one spare)")
     p.add_argument("--time-budget", type=float, default=1.0, help="solver budget (ilp)")
     p.add_argument("--seed", type=int, default=0)

@@ -44,7 +44,7 @@ import copy
 import functools
 import math
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
@@ -55,11 +55,15 @@ from cost_models.cluster import ExpertShape
 from cost_models.presets import local_cpu
 from planner.plan import Plan, static_layer
 from planner.step_shares import ShareRule
+from runtime.defaults import PLANNER_FAILURE_LIMIT, REPLAN_THRESHOLD
 from runtime.dispatch import moe_apply
 from runtime.experts import flat_params
 from runtime.monitor import Monitor, device_tokens, worst_balance
 from runtime.owners import AdamW, ExpertRuntime
-from runtime.replan import Faults, Replanner
+from runtime.replan import Replanner
+
+if TYPE_CHECKING:
+    from runtime.faults import Faults
 
 
 def _experts(expert, num_experts: int) -> tuple[nn.Module, torch.Tensor]:
@@ -152,6 +156,40 @@ def expert_shape(layer: FlexMoE) -> ExpertShape:
     return ExpertShape(d, max(1, round((layer.params - d) / (2 * d + 1))), "fp32")
 
 
+def _moe_layers(model: nn.Module | Iterable[FlexMoE]) -> list[FlexMoE]:
+    """The model's FlexMoE layers in module order; they must agree on experts and their size."""
+    mods = model.modules() if isinstance(model, nn.Module) else model
+    layers = [m for m in mods if isinstance(m, FlexMoE)]
+    if not layers:
+        raise ValueError("the model has no FlexMoE layer")
+    if any(l.num_experts != layers[0].num_experts or l.params != layers[0].params for l in layers):
+        raise ValueError("every FlexMoE layer needs the same number of experts and expert parameters")
+    return layers
+
+
+def _starting_plan(plan: Plan | None, slots: int, E: int, world: int, L: int) -> Plan:
+    """`plan` checked against the model, or static expert parallelism with `slots` per rank (0:
+    one spare beyond an even split)."""
+    if plan is None:
+        per = slots or math.ceil(E / world) + 1
+        if per * world < E:
+            raise ValueError(f"{per} slots x {world} ranks cannot hold {E} experts")
+        counts = np.full(world, per)
+        plan = Plan(E, counts, [static_layer(E, counts, l) for l in range(L)], {"solver": "static"})
+    if plan.num_devices != world or plan.num_experts != E or len(plan.layers) != L:
+        raise ValueError(f"plan is for {plan.num_devices} devices, {plan.num_experts} experts, "
+                         f"{len(plan.layers)} layers; the model has {world}, {E}, {L}")
+    return plan
+
+
+def _replanner(policy: str, faults: Faults | None, **kw) -> Replanner:
+    """The live policy's replanner; with faults to inject, the test double that injects them."""
+    if faults:
+        from runtime.faults import FaultyReplanner  # test code: loaded only when faults are asked for
+        return FaultyReplanner(policy, faults=faults, **kw)
+    return Replanner(policy, **kw)
+
+
 class FlexMoERuntime:
     """Places the experts of every `FlexMoE` layer of `model` (in module order) across the ranks.
 
@@ -160,24 +198,21 @@ class FlexMoERuntime:
     rank (0: one spare beyond an even split) or an initial `plan`; `cluster` (default: the
     local-cpu preset) for the planner and the per-step shares; `policy` static | dynamic |
     random; `dispatch` adaptive | plan; `solver`, `interval`, `threshold`, `time_budget` as in
-    `flexmoe train`; `state` from `state_dict()` to resume; `weights[L, E, params]` to override
-    the layers' initial weights.
+    `flexmoe train`; `failure_limit` background planning failures in a row before a warning
+    (`runtime.replan`); `state` from `state_dict()` to resume; `weights[L, E, params]` to override
+    the layers' initial weights; `faults` (`runtime.faults`) injects failures, for tests.
     """
 
     def __init__(self, model: nn.Module | Iterable[FlexMoE], *, rank: int | None = None, world: int | None = None,
                  group=None, device=None, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, slots: int = 0, plan: Plan | None = None,
                  cluster=None, policy: str = "static", dispatch: str = "adaptive", solver: str = "greedy",
-                 interval: int = 50, threshold: float = 1.1, time_budget: float = 1.0, seed: int = 0,
+                 interval: int = 50, threshold: float = REPLAN_THRESHOLD, time_budget: float = 1.0, seed: int = 0,
                  faults: Faults | None = None, transfer_timeout: float = 30.0, weights: torch.Tensor | None = None,
-                 state: dict | None = None, record: bool = False, log=None, wait: bool = False):
-        mods = model.modules() if isinstance(model, nn.Module) else model
-        self.layers = [m for m in mods if isinstance(m, FlexMoE)]
-        if not self.layers:
-            raise ValueError("the model has no FlexMoE layer")
+                 state: dict | None = None, record: bool = False, log=None, wait: bool = False,
+                 failure_limit: int = PLANNER_FAILURE_LIMIT):
+        self.layers = _moe_layers(model)
         E = self.layers[0].num_experts
-        if any(l.num_experts != E or l.params != self.layers[0].params for l in self.layers):
-            raise ValueError("every FlexMoE layer needs the same number of experts and expert parameters")
         if rank is None or world is None:
             dist_on = dist.is_available() and dist.is_initialized()
             rank = dist.get_rank(group) if dist_on else 0
@@ -189,15 +224,7 @@ class FlexMoERuntime:
         if state is not None:
             plan = state["plan"] if isinstance(state["plan"], Plan) else Plan.from_dict(state["plan"])
             weights, moments, self.step = state["experts"][0], state["experts"][1:], int(state.get("step", 0))
-        if plan is None:
-            per = slots or math.ceil(E / world) + 1
-            if per * world < E:
-                raise ValueError(f"{per} slots x {world} ranks cannot hold {E} experts")
-            counts = np.full(world, per)
-            plan = Plan(E, counts, [static_layer(E, counts, l) for l in range(L)], {"solver": "static"})
-        if plan.num_devices != world or plan.num_experts != E or len(plan.layers) != L:
-            raise ValueError(f"plan is for {plan.num_devices} devices, {plan.num_experts} experts, "
-                             f"{len(plan.layers)} layers; the model has {world}, {E}, {L}")
+        plan = _starting_plan(plan, slots, E, world, L)
         if weights is None:
             weights = torch.stack([l.initial for l in self.layers])
         opt = AdamW(lr, betas[0], betas[1], eps, weight_decay)
@@ -216,11 +243,12 @@ class FlexMoERuntime:
         self.monitor = Monitor(record=record and rank == 0)
         self.replanner = None
         if policy != "static":
-            self.replanner = Replanner(policy, rank=rank, world=world, num_experts=E, slots=plan.slots, layers=L,
-                                       cluster=self.cluster, solver=solver, time_budget=time_budget,
-                                       interval=interval, threshold=threshold, seed=seed, faults=faults,
-                                       transfer_timeout=transfer_timeout, group=group, log=self.log,
-                                       device=device, share_rule=ShareRule(self.cluster, dispatch), wait=wait)
+            self.replanner = _replanner(policy, faults, rank=rank, world=world, num_experts=E, slots=plan.slots,
+                                        layers=L, cluster=self.cluster, solver=solver, time_budget=time_budget,
+                                        interval=interval, threshold=threshold, seed=seed,
+                                        transfer_timeout=transfer_timeout, group=group, log=self.log,
+                                        device=device, share_rule=ShareRule(self.cluster, dispatch), wait=wait,
+                                        failure_limit=failure_limit)
         self.pending = None
         if state is not None and state.get("replan") is not None:
             self._restore_replan(state["replan"])
@@ -270,7 +298,7 @@ class FlexMoERuntime:
             o += n
         mean_loss, failures = float(flat[o]) / self.world, float(flat[o + 1])
         if pending is not None:
-            self.replanner.release_late(pending)
+            self.replanner.after_vote(pending)
             if failures:
                 self.replanner.stats["failed"] += 1
                 self.pending = None

@@ -4,7 +4,8 @@ One row per step: the mean loss over ranks, tokens per second (all ranks' tokens
 wall time on rank 0), the worst layer's balance (max over mean tokens per device under the shares
 dispatched), whether the step committed a re-placement and how many had been committed so far,
 the bytes moved across ranks (all ranks together: expert gradients to owners, weights back,
-moving owners' optimizer moments) and rank 0's busy time in each phase of the step. Rank 0 writes
+moving owners' optimizer moments), the background planner's failures so far (`runtime.replan`)
+and rank 0's busy time in each phase of the step. Rank 0 writes
 the file once, atomically, at the end of the run. Bad paths are refused before training starts.
 """
 
@@ -62,7 +63,8 @@ def rows(result: dict, step_bytes: list[tuple[int, int]]) -> list[dict]:
         row = {"step": result["start"] + i, "loss": float(loss), "step_s": dt,
                "tokens_per_s": result["tokens_per_step"] / dt if dt > 0 else math.inf,
                "balance": float(result["balances"][i]), "replanned": replanned, "replans_committed": committed,
-               "bytes_moved": int(sync + migration), "sync_bytes": int(sync), "migration_bytes": int(migration)}
+               "bytes_moved": int(sync + migration), "sync_bytes": int(sync), "migration_bytes": int(migration),
+               "planner_failures": int(result["planner_failures"][i])}
         for name, t in zip(result["phase_names"], phases[i] if len(phases) else []):
             row[phase_key(name)] = float(t)
         out.append(row)
@@ -85,7 +87,8 @@ def write(path: str | os.PathLike, table: list[dict]) -> None:
 
 
 def summary(table: list[dict]) -> str:
-    """One line for logs: steps, first and last loss, mean tokens/s, mean balance, re-plans, bytes."""
+    """One line for logs: steps, first and last loss, mean tokens/s, mean balance, re-plans, bytes
+    (and planner failures, when there were any)."""
     if not table:
         return "[flexmoe] 0 steps"
     tok = np.mean([r["tokens_per_s"] for r in table])
@@ -93,4 +96,5 @@ def summary(table: list[dict]) -> str:
     moved = sum(r["bytes_moved"] for r in table)
     return (f"[flexmoe] {len(table)} steps, loss {table[0]['loss']:.4f} -> {table[-1]['loss']:.4f}, "
             f"{tok:,.0f} tokens/s, balance {bal:.3f} (mean), {table[-1]['replans_committed']} re-plans committed, "
-            f"{moved / 2**20:.2f} MiB moved")
+            f"{moved / 2**20:.2f} MiB moved"
+            + (f", {table[-1]['planner_failures']} planner failures" if table[-1].get("planner_failures") else ""))

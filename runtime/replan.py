@@ -1,4 +1,4 @@
-"""Live re-placement: trigger, background planning, the commit protocol, migration, faults.
+"""Live re-placement: trigger, background planning, the commit protocol, migration.
 
 Protocol (deterministic on every rank):
 1. After each step rank 0 feeds the monitor's smoothed counts to the trigger (interval or
@@ -20,10 +20,22 @@ Protocol (deterministic on every rank):
 New replicas need only weights, and weights change every step, so a copy fetched earlier would be
 stale: they ride the step's bucketed weight exchange instead (DESIGN.md, "Owners"). Moments are
 the large part (twice the weights) and are what the asynchronous prefetch moves.
+
+Planner failures (an exception in the background planner) are counted (`stats["planner_failures"]`,
+reported per step by `flexmoe train --metrics-out` and on the progress line), each logged in one
+line that says whether the planner refused its input (`InputError`) or failed (any other
+exception: a bug), and after `failure_limit` failures in a row a one-line warning. Training then
+goes on under the current placement and later triggers try again: the placement changes speed,
+never the result, so a run that can still train is not stopped for it (a transient failure, such
+as a solver out of memory on one skewed batch, recovers at the next trigger).
+
+The broadcast's format is `runtime.wire`; injected faults for tests are `runtime.faults`, which
+overrides the seams marked below (`_solve`, `_announce`, `_send`, `_wait`, `after_vote`).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,18 +46,11 @@ import torch.distributed as dist
 
 from cost_models.files import InputError
 from planner.plan import LayerPlan, Plan
+from runtime.defaults import PLANNER_FAILURE_LIMIT, REPLAN_THRESHOLD
 from runtime.monitor import balance
+from runtime.wire import decode, encode
 
 POLICIES = ("static", "dynamic", "random")
-
-
-@dataclass
-class Faults:
-    """Injected failures, by plan sequence number (1 is the first plan broadcast)."""
-
-    corrupt_plans: set = field(default_factory=set)  # the broadcast plan fails validation
-    fail_transfers: set = field(default_factory=set)  # the last rank's transfer wait raises
-    delay_transfers: set = field(default_factory=set)  # senders post too late: receivers time out
 
 
 @dataclass
@@ -55,7 +60,6 @@ class Pending:
     commit_step: int  # the step at whose end every rank switches (the announcing step: transfers overlap it)
     works: list = field(default_factory=list)
     inbox: dict = field(default_factory=dict)  # (layer, expert) -> (m, v) being received
-    late: list = field(default_factory=list)  # sends held back by an injected delay
     prefetched: dict = field(default_factory=dict)
     staged: dict = field(default_factory=dict)
     replay: dict = field(default_factory=dict)
@@ -97,62 +101,40 @@ def random_plan(num_experts: int, slots: np.ndarray, layers: int, rng: np.random
     return Plan(num_experts, slots, out, {"solver": "random"})
 
 
-HEADER = 3  # [has plan, sequence number, step at whose end it commits]
-
-
-def encode(plan: Plan | None, seq: int, commit_step: int, layers: int, G: int, S: int, E: int) -> torch.Tensor:
-    """A fixed-size float64 buffer, so the per-step broadcast needs no size exchange."""
-    buf = torch.zeros(HEADER + layers * (2 * G * S + E), dtype=torch.float64)
-    if plan is None:
-        return buf
-    buf[0], buf[1], buf[2] = 1, seq, commit_step
-    parts = [np.concatenate([lp.assign.ravel(), lp.share.ravel(), lp.owner.ravel()]) for lp in plan.layers]
-    buf[HEADER:] = torch.from_numpy(np.concatenate(parts).astype(np.float64))
-    return buf
-
-
-def decode(buf: torch.Tensor, slots: np.ndarray, layers: int, E: int) -> tuple[Plan | None, int, int]:
-    """(plan or None, sequence number, commit step)."""
-    if buf[0] == 0:
-        return None, 0, 0
-    G, S = len(slots), int(slots.max())
-    arr = buf[HEADER:].numpy().reshape(layers, -1)
-    lps = [LayerPlan(a[:G * S].reshape(G, S).round(), a[G * S:2 * G * S].reshape(G, S), a[2 * G * S:].round(), l)
-           for l, a in enumerate(arr)]
-    return Plan(E, slots, lps, {"source": "broadcast"}), int(buf[1]), int(buf[2])
-
-
 def _same(a: Plan, b: Plan) -> bool:
     return all(np.array_equal(x.assign, y.assign) and np.allclose(x.share, y.share, rtol=0, atol=1e-12)
                and np.array_equal(x.owner, y.owner) for x, y in zip(a.layers, b.layers))
 
 
 class Replanner:
-    """Trigger and background planner on rank 0; the per-step plan broadcast on every rank."""
+    """Trigger and background planner on rank 0; the per-step plan broadcast on every rank.
+
+    `failure_limit`: background planning failures in a row before a warning (see the module
+    notes: the run goes on under the current placement either way)."""
 
     def __init__(self, policy: str, *, rank: int, world: int, num_experts: int, slots: np.ndarray, layers: int,
                  cluster=None, solver: str = "greedy", time_budget: float = 1.0, interval: int = 50,
-                 threshold: float = 1.2, seed: int = 0, faults: Faults | None = None,
-                 transfer_timeout: float = 30.0, group=None, log=None, device=None, wait: bool = False,
-                 share_rule=None):
+                 threshold: float = REPLAN_THRESHOLD, seed: int = 0, transfer_timeout: float = 30.0, group=None,
+                 log=None, device=None, wait: bool = False, share_rule=None,
+                 failure_limit: int = PLANNER_FAILURE_LIMIT):
         if policy not in POLICIES:
             raise InputError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
         self.policy, self.rank, self.world = policy, rank, world
         self.E, self.slots, self.L = num_experts, np.asarray(slots), layers
         self.cluster, self.solver, self.budget = cluster, solver, time_budget
         self.interval, self.threshold, self.seed = max(1, interval), threshold, seed
-        self.faults = faults or Faults()
         self.timeout, self.group, self.device = transfer_timeout, group, device
         self.log = log or (lambda msg: None)
         self.share_rule = share_rule  # the trigger judges balance under the shares the dispatch would use
         self.wait = wait  # reproducible: a plan started after step s always applies at step s + 1
+        self.failure_limit, self.failures_in_row = max(1, failure_limit), 0
         self.seq = 0
         self.thread: threading.Thread | None = None
         self.result: Plan | None = None
-        self.error: str | None = None
+        self.error: Exception | None = None
         self.last_trigger = 0
         self.stats = {"plans": 0, "committed": 0, "rejected": 0, "failed": 0, "unchanged": 0, "switch_s": 0.0,
-                      "solve_s": 0.0}
+                      "solve_s": 0.0, "planner_failures": 0}
 
     # --- rank 0: trigger and background planning --------------------------------------------
     def after_step(self, step: int, smoothed: np.ndarray, plan: Plan) -> None:
@@ -172,31 +154,48 @@ class Replanner:
     def _plan(self, loads: np.ndarray, current: Plan, seq: int) -> None:
         t0 = time.perf_counter()
         try:
-            if self.policy == "random":
-                plan = random_plan(self.E, self.slots, self.L, np.random.default_rng([self.seed, seq]))
-            else:
-                from planner.solve import make_plan  # lazy: only the planning thread needs it
-                plan = make_plan(self.cluster, loads, current, solver=self.solver, time_budget=self.budget,
-                                 workers=1, seed=self.seed, interval=self.interval, reproducible=self.wait)
-            self.result = plan
-        except Exception as exc:  # a planner failure must never stop training
-            self.error = f"planning failed: {exc}"
+            self.result = self._solve(loads, current, seq)
+        except Exception as exc:  # counted and reported by the step thread (_harvest)
+            self.error = exc
         self.stats["solve_s"] += time.perf_counter() - t0
+
+    def _solve(self, loads: np.ndarray, current: Plan, seq: int) -> Plan:
+        """The policy's plan for the smoothed `loads[L, S, E]` (seam: runtime.faults)."""
+        if self.policy == "random":
+            return random_plan(self.E, self.slots, self.L, np.random.default_rng([self.seed, seq]))
+        from planner.solve import make_plan  # lazy: only the planning thread needs it
+        return make_plan(self.cluster, loads, current, solver=self.solver, time_budget=self.budget,
+                         workers=1, seed=self.seed, interval=self.interval, reproducible=self.wait)
+
+    def _harvest(self) -> None:
+        """Account for a finished planning attempt: a success clears the run of failures, a
+        failure is counted, logged, and warned about once `failure_limit` happen in a row."""
+        exc, self.error = self.error, None
+        if exc is None:
+            self.failures_in_row = 0 if self.result is not None else self.failures_in_row
+            return
+        self.stats["planner_failures"] += 1
+        self.failures_in_row += 1
+        what = (f"the planner refused its input: {exc}" if isinstance(exc, InputError)
+                else f"planner error {type(exc).__name__}: {exc}")
+        self.log(f"re-planning failed ({what}); placement unchanged")
+        if self.failures_in_row == self.failure_limit:
+            logging.getLogger("flexmoe.replan").warning(
+                "re-planning failed %d times in a row (last: %s); training goes on under the current "
+                "placement", self.failures_in_row, what)
 
     def close(self) -> None:
         """Let a running solver finish: native solver threads alive at exit abort the process."""
         if self.thread is not None:
             self.thread.join(self.budget * self.L + 30.0)
             self.thread = None
+            self._harvest()
 
     # --- checkpointing: what a resumed run needs to trigger and apply plans as the uninterrupted one
     def state(self) -> dict:
         """The trigger's and the planner's state at a step boundary (a running plan is waited for:
         its result is part of the state)."""
         self.close()
-        if self.error:
-            self.log(self.error)
-            self.error = None
         return {"last_trigger": self.last_trigger, "seq": self.seq,
                 "pending": self.result.to_dict() if self.result is not None else None}
 
@@ -213,15 +212,10 @@ class Replanner:
                 self.thread.join()
             if self.thread is not None and not self.thread.is_alive():
                 self.thread = None
-                if self.error:
-                    self.log(self.error)
-                    self.error = None
+                self._harvest()
             if self.thread is None:  # a finished plan (or one restored from a checkpoint)
                 plan, self.result = self.result, None
-        G, S = len(self.slots), int(self.slots.max())
-        buf = encode(plan, self.seq + 1, step, self.L, G, S, self.E)
-        if buf[0] and int(buf[1]) in self.faults.corrupt_plans:
-            buf[-1] = G + 7  # an owner outside the cluster: validation must catch it
+        buf = self._announce(plan, step)
         if self.world > 1:
             if self.device is not None:  # NCCL only moves device tensors
                 buf = buf.to(self.device)
@@ -248,13 +242,16 @@ class Replanner:
             return None
         return Pending(plan, seq, commit_step)
 
+    def _announce(self, plan: Plan | None, step: int) -> torch.Tensor:
+        """Rank 0's broadcast buffer for `plan` (or none) committing at `step` (seam: runtime.faults)."""
+        return encode(plan, self.seq + 1, step, self.L, len(self.slots), int(self.slots.max()), self.E)
+
     # --- transfers: moving owners' moments, point to point, overlapped with the step ---------
     def start_transfers(self, pending: Pending, rt) -> None:
         me, P = self.rank, rt.params
         old = rt.plan.layers
         moves = [(l, e, int(old[l].owner[e]), int(lp.owner[e])) for l, lp in enumerate(pending.plan.layers)
                  for e in range(self.E) if lp.owner[e] != old[l].owner[e]]
-        delay = pending.seq in self.faults.delay_transfers
         base = pending.seq * 8192
         for peer in range(self.world):
             if peer == me:
@@ -264,11 +261,7 @@ class Replanner:
             out = [(l, e) for l, e, s, d in moves if s == me and d == peer]
             for i, key in enumerate(out):
                 for j, t in enumerate(rt.moments[key]):
-                    tag = (base + 2 * i + j) % (2**31 - 1)
-                    if delay:
-                        pending.late.append((t, peer, tag))
-                    else:
-                        pending.works.append(dist.isend(t, peer, group=self.group, tag=tag))
+                    self._send(pending, t, peer, (base + 2 * i + j) % (2**31 - 1))
             inc = [(l, e) for l, e, s, d in moves if s == peer and d == me]
             for i, key in enumerate(inc):
                 m, v = torch.empty(P, device=rt.device), torch.empty(P, device=rt.device)
@@ -282,26 +275,30 @@ class Replanner:
             pending.waiter = threading.Thread(target=_wait_all, args=(pending,), daemon=True)
             pending.waiter.start()
 
+    def _send(self, pending: Pending, t: torch.Tensor, peer: int, tag: int) -> None:
+        """Post one moment tensor's send (seam: runtime.faults)."""
+        pending.works.append(dist.isend(t, peer, group=self.group, tag=tag))
+
     def finish_transfers(self, pending: Pending, params: int) -> bool:
         """Wait for this rank's transfers; False if any failed or timed out (the caller votes)."""
         try:
-            if pending.seq in self.faults.fail_transfers and self.rank == self.world - 1:
-                raise RuntimeError("injected transfer failure")
-            waiter = pending.waiter
-            if waiter is not None:
-                waiter.join(self.timeout)
-                if waiter.is_alive():
-                    raise TimeoutError(f"transfer not done after {self.timeout:g} s")
-                if pending.error is not None:
-                    raise pending.error
+            self._wait(pending)
         except Exception as exc:  # gloo raises RuntimeError on timeout; treat every failure alike
             self.log(f"plan {pending.seq}: transfer failed ({exc}); placement unchanged")
             return False
         pending.prefetched = dict(pending.inbox)
         return True
 
-    def release_late(self, pending: Pending) -> None:
-        """Post sends an injected delay held back, so the peer's abandoned receive completes."""
-        for buf, peer, tag in pending.late:
-            dist.isend(buf, peer, group=self.group, tag=tag).wait()
-        pending.late.clear()
+    def _wait(self, pending: Pending) -> None:
+        """Raise if this rank's transfers failed or are not done within the timeout (seam: runtime.faults)."""
+        waiter = pending.waiter
+        if waiter is not None:
+            waiter.join(self.timeout)
+            if waiter.is_alive():
+                raise TimeoutError(f"transfer not done after {self.timeout:g} s")
+            if pending.error is not None:
+                raise pending.error
+
+    def after_vote(self, pending: Pending) -> None:
+        """Called on every rank once all ranks have voted on `pending`'s transfers (seam:
+        runtime.faults posts the sends it held back here)."""

@@ -12,7 +12,7 @@ import torch
 from planner.trace import Trace
 from runtime.launch import spawn
 from runtime.model import ModelConfig
-from runtime.replan import Faults
+from runtime.faults import Faults
 from runtime.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

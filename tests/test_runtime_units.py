@@ -9,7 +9,8 @@ from runtime.dispatch import moe_apply
 from runtime.experts import SlotStore, init_experts
 from runtime.model import ModelConfig
 from runtime.owners import AdamW
-from runtime.replan import decode, encode, random_plan
+from runtime.replan import random_plan
+from runtime.wire import decode, encode
 from runtime.trainer import TrainConfig, train
 
 

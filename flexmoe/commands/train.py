@@ -11,6 +11,7 @@ import typer
 from cost_models.files import InputError, finite_number, whole_number
 from flexmoe import console
 from flexmoe.commands.options import SolverName
+from runtime.defaults import REPLAN_THRESHOLD
 
 Opt = typer.Option
 
@@ -43,7 +44,7 @@ def train_cmd(
                       Opt(help="planner used by --policy dynamic")] = "greedy",
     interval: Annotated[int, Opt(help="steps between re-plans (also the amortisation window)")] = 50,
     threshold: Annotated[float, Opt(help="re-plan early when the balance (max/mean tokens per device) "
-                                         "exceeds this")] = 1.1,
+                                         "exceeds this")] = REPLAN_THRESHOLD,
     time_budget: Annotated[float, Opt(help="solver time budget per re-plan, seconds")] = 1.0,
     reproducible: Annotated[bool, Opt("--reproducible", help="apply each plan at the step after the one "
                                       "that triggered it, waiting for the planner: runs and resumed runs "
