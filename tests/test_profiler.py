@@ -119,6 +119,8 @@ def test_validation_replays_each_case_through_the_real_layer_world_size_2():
     for r, c in zip(rows, all_cases):
         assert r["measured_s"] > 0 and r["predicted_s"] > 0 and np.isfinite(r["rel_error"])
         assert set(r["phases_ms"]) == {0, 1}
+        for ph in r["phases_ms"].values():  # the experts' time is inside the layer's forward and backward
+            assert 0 < ph["experts fwd"] <= ph["forward"] and 0 < ph["experts bwd"] <= ph["backward"]
         seen = r["seen"]
         assert (np.array(seen["counts"]) == c.counts).all(), c.name
         assert np.array(seen["share"]) == pytest.approx(c.share), c.name
