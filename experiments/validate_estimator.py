@@ -50,11 +50,6 @@ class Case:
     owner: np.ndarray | None
 
 
-def _loads(p: np.ndarray, tokens: int) -> np.ndarray:
-    """Integer token counts that sum to `tokens`, in proportion to `p` (largest remainder)."""
-    return apportion(tokens, p)
-
-
 def cases(num_experts: int = 8, tokens: int = 2048) -> list[Case]:
     """Uniform, zipf, one hot expert, a lopsided source, and the hot expert replicated."""
     if num_experts < 2 or num_experts % WORLD or tokens < 1:
@@ -68,13 +63,13 @@ def cases(num_experts: int = 8, tokens: int = 2048) -> list[Case]:
     hot[0] = 0.6
     remote_heavy = np.where(np.arange(e) >= e // 2, 0.8 / (e // 2), 0.2 / (e - e // 2))
     out = [
-        Case("uniform", np.stack([_loads(np.ones(e), tokens)] * WORLD), x, share, None),
-        Case("zipf-1.2", np.stack([_loads(zipf, tokens)] * WORLD), x, share, None),
-        Case("one-hot-60%", np.stack([_loads(hot, tokens)] * WORLD), x, share, None),
-        Case("source-skew", np.stack([_loads(remote_heavy, tokens), _loads(np.ones(e), tokens)]), x, share, None),
+        Case("uniform", np.stack([apportion(tokens, np.ones(e))] * WORLD), x, share, None),
+        Case("zipf-1.2", np.stack([apportion(tokens, zipf)] * WORLD), x, share, None),
+        Case("one-hot-60%", np.stack([apportion(tokens, hot)] * WORLD), x, share, None),
+        Case("source-skew", np.stack([apportion(tokens, remote_heavy), apportion(tokens, np.ones(e))]), x, share, None),
     ]
     # The hot expert gets a second replica on device 1 and the shares that balance the devices.
-    counts = np.stack([_loads(hot, tokens)] * WORLD)
+    counts = np.stack([apportion(tokens, hot)] * WORLD)
     totals = counts.sum(axis=0)
     x2, share2 = x.copy(), share.copy()
     x2[0, 1] = True
