@@ -129,6 +129,15 @@ def test_validation_replays_each_case_through_the_real_layer_world_size_2():
     assert "worst relative error" in table(rows)
 
 
+def test_validation_refuses_a_cluster_the_runtime_cannot_train_like():
+    """The runtime's experts are fp32: a bf16 profile would predict another computation."""
+    from cost_models.presets import local_cpu
+    from experiments.validate_estimator import validate
+
+    with pytest.raises(InputError, match="fp32"):
+        validate(local_cpu(expert=ExpertShape(32, 64, "bf16")), num_experts=4, tokens=8, steps=1, timeout_s=10)
+
+
 def test_pairs_cover_every_link_class():
     from cost_models.profiler import _pairs
 
