@@ -1,11 +1,14 @@
-"""Does the estimator predict real MoE steps? Time skewed steps and compare with `estimate`.
+"""Does the estimator predict real MoE steps? Replay skewed loads through the layer that trains.
 
 World size 2, gloo on loopback (or NCCL on GPUs), one thread per process. For each load shape
-the processes run real MoE layer steps: an exchange of the token counts, the dispatch
-all-to-all with uneven splits, every local expert's forward, the combine all-to-all, then the
-backward: combine's gradient all-to-all, every expert's backward, dispatch's gradient
-all-to-all, and, for replicated experts, the gradient to the owner and the weights back. The
-step time is the slowest rank's, summarised over the timed steps (median, or min).
+the processes replay the case's counts `[source, expert]` through the real path: the public
+`runtime.layer.FlexMoE` layer under `FlexMoERuntime` with the case's placement and shares
+(`experiments.layer_replay`), so each step is what `flexmoe train` runs: the counts all-gather,
+routing by `cost_models.routing`, the dispatch all-to-all with uneven splits, the experts in
+their slots, the combine, the backward through all of it, then `finish_step` (replicas'
+gradients to owners, the owners' AdamW, weights back). The step time is the slowest rank's,
+summarised over the timed steps (median, or min); each row also keeps what the layer saw (the
+counts it gathered, the shares it used, the tokens each device's experts computed).
 
 Two predictions, both `estimate(cluster, counts, x, share, owner).step_time`: one on the given
 (profiled) cluster, and one on a cluster fitted from the profiler's own micro-benchmarks run
@@ -23,20 +26,17 @@ import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.estimator import estimate
-from cost_models.routing import route_tokens
+from cost_models.routing import apportion
 from cost_models.files import InputError
 from planner.plan import static_layer
 
 WORLD = 2
-PHASES = ("counts", "dispatch", "expert fwd", "combine", "combine bwd", "expert bwd", "dispatch bwd",
-          "sync")
 
 
 @dataclass
@@ -48,14 +48,6 @@ class Case:
     x: np.ndarray
     share: np.ndarray
     owner: np.ndarray | None
-
-
-def _loads(p: np.ndarray, tokens: int) -> np.ndarray:
-    """Integer token counts that sum to `tokens`, in proportion to `p` (largest remainder)."""
-    raw = tokens * p / p.sum()
-    out = np.floor(raw).astype(np.int64)
-    out[np.argsort(-(raw - out))[:tokens - out.sum()]] += 1
-    return out
 
 
 def cases(num_experts: int = 8, tokens: int = 2048) -> list[Case]:
@@ -71,13 +63,13 @@ def cases(num_experts: int = 8, tokens: int = 2048) -> list[Case]:
     hot[0] = 0.6
     remote_heavy = np.where(np.arange(e) >= e // 2, 0.8 / (e // 2), 0.2 / (e - e // 2))
     out = [
-        Case("uniform", np.stack([_loads(np.ones(e), tokens)] * WORLD), x, share, None),
-        Case("zipf-1.2", np.stack([_loads(zipf, tokens)] * WORLD), x, share, None),
-        Case("one-hot-60%", np.stack([_loads(hot, tokens)] * WORLD), x, share, None),
-        Case("source-skew", np.stack([_loads(remote_heavy, tokens), _loads(np.ones(e), tokens)]), x, share, None),
+        Case("uniform", np.stack([apportion(tokens, np.ones(e))] * WORLD), x, share, None),
+        Case("zipf-1.2", np.stack([apportion(tokens, zipf)] * WORLD), x, share, None),
+        Case("one-hot-60%", np.stack([apportion(tokens, hot)] * WORLD), x, share, None),
+        Case("source-skew", np.stack([apportion(tokens, remote_heavy), apportion(tokens, np.ones(e))]), x, share, None),
     ]
     # The hot expert gets a second replica on device 1 and the shares that balance the devices.
-    counts = np.stack([_loads(hot, tokens)] * WORLD)
+    counts = np.stack([apportion(tokens, hot)] * WORLD)
     totals = counts.sum(axis=0)
     x2, share2 = x.copy(), share.copy()
     x2[0, 1] = True
@@ -89,61 +81,25 @@ def cases(num_experts: int = 8, tokens: int = 2048) -> list[Case]:
     return out
 
 
-# ----------------------------------------------------------------------------- the timed step
+# ----------------------------------------------------------------------------- the workers
 def _worker(rank: int, port: int | None, cluster_doc: dict, case_docs: list[dict], steps: int, warmup: int,
             device: str, backend: str, timeout_s: float, statistic: str, result: str) -> None:
-    import torch
+    """One rank: replay every case through the real layer, interleaved with the profiler's
+    micro-benchmarks; rank 0 writes the steps' times, the phases and the calibration to `result`."""
     import torch.distributed as dist
 
     from cost_models.launch import init_distributed
-    from cost_models.profiler import SIZES, STATISTICS, TOKENS, Exchanger, ExpertFFN, cpu_pressure, measurements
+    from experiments.layer_replay import LayerReplay
 
-    if device == "cpu":
-        torch.set_num_threads(1)
-        dev = torch.device("cpu")
-    else:
-        torch.cuda.set_device(rank)
-        dev = torch.device("cuda", rank)
+    dev = _device(device, rank)
     init_distributed(rank, WORLD, port, backend, timeout_s)
     try:
         cluster = Cluster.from_dict(cluster_doc)
-        step_fns = [_prepare_case(rank, cluster, doc, dev) for doc in case_docs]
-        # The profiler's micro-benchmarks, repeated in the same rounds as the steps: a prediction
-        # from them compares model and steps under the same outside load (this host is shared).
-        pressure = cpu_pressure()
-        ffn, ex = ExpertFFN(cluster.expert, dev, seed=1000 + rank), Exchanger(max(SIZES), dev)
-        tokens = TOKENS[dev.type]
-        for n in tokens:
-            ffn.step(n)
-        comp, link = [], []
-        # Round-robin over the cases, so a burst of load from other programs hits them all alike.
-        times = [[] for _ in step_fns]
-        phases = [[] for _ in step_fns]  # this rank's seconds per phase, per step
-        for i in range(warmup + steps):
-            for fn, out, ph in zip(step_fns, times, phases):
-                dist.barrier()
-                marks = [time.perf_counter()]
-                fn(lambda: marks.append(time.perf_counter()))
-                t = torch.tensor([marks[-1] - marks[0]], dtype=torch.float64, device=dev)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank does
-                if i >= warmup:
-                    out.append(float(t))
-                    ph.append(np.diff(marks).tolist())
-            dist.barrier()
-            c = [ffn.step(n) for n in tokens]
-            dist.barrier()
-            ln = [ex.a2a_seconds(None, rank, size) for size in SIZES]
-            if i >= warmup:
-                comp.append(c)
-                link.append(ln)
-        stat = STATISTICS[statistic]
-        meas = measurements(rank, WORLD, dev, [[n, float(stat(t))] for n, t in zip(tokens, np.array(comp).T)],
-                            [[0, 1, size, float(stat(t))] for size, t in zip(SIZES, np.array(link).T)]
-                            if rank == 0 else [], tokens, SIZES, steps, pressure)
-        every = [None] * WORLD
-        dist.all_gather_object(every, phases)
-        rows = [{"name": d["name"], "times_s": t, "phases_s": [every[r][k] for r in range(WORLD)]}
-                for k, (d, t) in enumerate(zip(case_docs, times))]
+        replays = [LayerReplay(rank, WORLD, cluster, doc, dev) for doc in case_docs]
+        calibration = _Calibration(rank, cluster, dev)
+        times, phases = _rounds(replays, calibration, steps, warmup, dev)
+        rows = _gather_rows(case_docs, replays, times, phases)
+        meas = calibration.measurements(steps, statistic)
         if rank == 0:
             meas["launcher"], meas["backend"] = "validate (interleaved with the steps)", backend
             with open(result, "w") as f:
@@ -152,87 +108,90 @@ def _worker(rank: int, port: int | None, cluster_doc: dict, case_docs: list[dict
         dist.destroy_process_group()
 
 
-def _prepare_case(rank: int, cluster: Cluster, doc: dict, dev):
-    """Set up one case on this rank; returns the function that runs one MoE step."""
+def _device(kind: str, rank: int):
+    """This rank's device; one thread per process on CPUs, as the profiler measured."""
+    import torch
+
+    if kind == "cpu":
+        torch.set_num_threads(1)
+        return torch.device("cpu")
+    torch.cuda.set_device(rank)
+    return torch.device("cuda", rank)
+
+
+def _rounds(replays: list, calibration: "_Calibration", steps: int, warmup: int, dev):
+    """Round-robin over the cases, then the micro-benchmarks, so a burst of load from other
+    programs hits them all alike. Returns per case the slowest rank's step seconds and this
+    rank's seconds per phase, per timed step."""
+    times = [[] for _ in replays]
+    phases = [[] for _ in replays]
+    for i in range(warmup + steps):
+        for replay, out, ph in zip(replays, times, phases):
+            t, p = _timed_step(replay, dev)
+            if i >= warmup:
+                out.append(t)
+                ph.append(p)
+        calibration.round(timed=i >= warmup)
+    return times, phases
+
+
+def _timed_step(replay, dev) -> tuple[float, list[float]]:
+    """(the step's seconds on the slowest rank: the step ends when it does, this rank's phases)."""
     import torch
     import torch.distributed as dist
 
-    from cost_models.profiler import TORCH_DTYPES, ExpertFFN
+    dist.barrier()
+    ph = replay.step()
+    t = torch.tensor([sum(ph[:3])], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t), ph
 
-    x, owner = np.array(doc["x"], dtype=bool), doc["owner"]
-    n = np.array(doc["n"], dtype=np.int64)  # [source, expert, device]
-    num_experts = x.shape[0]
-    h = cluster.expert.hidden
-    mine = np.flatnonzero(x[:, rank])
-    experts = {int(e): ExpertFFN(cluster.expert, dev, seed=int(e)) for e in mine}
-    send_splits = [int(n[rank, :, d].sum()) for d in range(WORLD)]
-    recv_splits = [int(n[s, :, rank].sum()) for s in range(WORLD)]
-    dtype = getattr(torch, TORCH_DTYPES[cluster.expert.dtype])
-    tokens_in = torch.randn(sum(send_splits), h, dtype=dtype, device=dev)
-    grad_back = torch.randn(sum(send_splits), h, dtype=dtype, device=dev)
-    # Received tokens arrive by source, then by expert id: the rows of each local expert.
-    rows, offset = {int(e): [] for e in mine}, 0
-    for s in range(WORLD):
-        for e in range(num_experts):
-            k = int(n[s, e, rank])
-            if k:
-                rows[e].append(torch.arange(offset, offset + k))
-                offset += k
-    rows = {e: (torch.cat(r) if r else torch.zeros(0, dtype=torch.long)).to(dev) for e, r in rows.items()}
-    meta = torch.tensor(n[rank].T.ravel(), dtype=torch.int64, device=dev)  # what the runtime tells peers first
-    meta_out = torch.empty_like(meta)
-    # Replica sync: followers send gradients to the owner, the owner sends weights back.
-    follow = [int(e) for e in mine if owner is not None and x[e].sum() > 1 and owner[e] != rank]
-    owned = [int(e) for e in mine if owner is not None and x[e].sum() > 1 and owner[e] == rank]
 
-    def a2a(out_rows, inp, out_splits, in_splits):
-        out = torch.empty(out_rows, h, dtype=dtype, device=dev)
-        dist.all_to_all_single(out, inp, out_splits, in_splits)
-        return out
+def _gather_rows(case_docs: list[dict], replays: list, times: list, phases: list) -> list[dict]:
+    """Per case: the step times, every rank's phases, and what the layer saw on every rank (collective)."""
+    import torch.distributed as dist
 
-    def step(mark):
-        dist.all_to_all_single(meta_out, meta)
-        mark()
-        recv = a2a(sum(recv_splits), tokens_in, recv_splits, send_splits)
-        mark()
-        outs, inputs = {}, {}
-        result = torch.empty_like(recv)
-        for e, ffn in experts.items():
-            inputs[e] = recv.index_select(0, rows[e]).requires_grad_()
-            outs[e] = ffn.forward(inputs[e])
-            result.index_copy_(0, rows[e], outs[e].detach())
-        mark()
-        a2a(sum(send_splits), result, send_splits, recv_splits)  # combine
-        mark()
-        grad_out = a2a(sum(recv_splits), grad_back, recv_splits, send_splits)  # combine's backward
-        mark()
-        torch.autograd.backward([outs[e] for e in experts], [grad_out.index_select(0, rows[e]) for e in experts])
-        grad_in = torch.empty_like(recv)
-        for e in experts:
-            grad_in.index_copy_(0, rows[e], inputs[e].grad)
-        mark()
-        a2a(sum(send_splits), grad_in, send_splits, recv_splits)  # dispatch's backward
-        mark()
-        if follow or owned:
-            peer = 1 - rank
-            grads = [torch.cat([p.grad.ravel() for p in experts[e].params]) for e in follow]
-            got = [torch.empty_like(torch.cat([p.ravel() for p in experts[e].params])) for e in owned]
-            ops = [dist.P2POp(dist.isend, g, peer) for g in grads] + [dist.P2POp(dist.irecv, g, peer) for g in got]
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
-            weights = [torch.cat([p.detach().ravel() for p in experts[e].params]) for e in owned]
-            fresh = [torch.empty_like(g) for g in grads]
-            ops = [dist.P2POp(dist.isend, w, peer) for w in weights] + [dist.P2POp(dist.irecv, w, peer) for w in fresh]
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
-        for ffn in experts.values():
-            for p in ffn.params:
-                p.grad = None
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        mark()
+    every = [None] * WORLD
+    dist.all_gather_object(every, [phases, [r.seen() for r in replays]])
+    return [{"name": d["name"], "times_s": t, "phases_s": [every[r][0][k] for r in range(WORLD)],
+             "seen": [every[r][1][k] for r in range(WORLD)]}
+            for k, (d, t) in enumerate(zip(case_docs, times))]
 
-    return step
+
+class _Calibration:
+    """The profiler's micro-benchmarks, repeated in the same rounds as the steps: a prediction
+    from them compares model and steps under the same outside load (this host is shared)."""
+
+    def __init__(self, rank: int, cluster: Cluster, dev):
+        from cost_models.profiler import SIZES, TOKENS, Exchanger, ExpertFFN, cpu_pressure
+
+        self.rank, self.dev, self.sizes, self.tokens = rank, dev, SIZES, TOKENS[dev.type]
+        self.pressure = cpu_pressure()
+        self.ffn, self.ex = ExpertFFN(cluster.expert, dev, seed=1000 + rank), Exchanger(max(SIZES), dev)
+        for n in self.tokens:
+            self.ffn.step(n)
+        self.comp, self.link = [], []
+
+    def round(self, timed: bool) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+        c = [self.ffn.step(n) for n in self.tokens]
+        dist.barrier()
+        ln = [self.ex.a2a_seconds(None, self.rank, size) for size in self.sizes]
+        if timed:
+            self.comp.append(c)
+            self.link.append(ln)
+
+    def measurements(self, steps: int, statistic: str) -> dict:
+        """The profiler's measurement document, as `build_cluster` takes it (collective; rank 0's)."""
+        from cost_models.profiler import STATISTICS, measurements
+
+        stat = STATISTICS[statistic]
+        comp = [[n, float(stat(t))] for n, t in zip(self.tokens, np.array(self.comp).T)]
+        link = [[0, 1, size, float(stat(t))] for size, t in zip(self.sizes, np.array(self.link).T)]
+        return measurements(self.rank, WORLD, self.dev, comp, link if self.rank == 0 else [], self.tokens,
+                            self.sizes, steps, self.pressure)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -242,57 +201,83 @@ def validate(cluster: Cluster, *, num_experts: int = 8, tokens: int = 2048, step
 
     The measured step is the slowest rank's, summarised over the timed steps by the statistic the
     cluster was profiled with (so both sides of the comparison are measured alike)."""
-    from cost_models.launch import free_port, spawn_local
-    from cost_models.profiler import STATISTICS, ProfileOptions, build_cluster, cpu_pressure, resolve_device
+    from cost_models.profiler import STATISTICS, ProfileOptions, build_cluster, cpu_pressure
+
+    statistic, device, backend = _check(cluster, statistic)
+    all_cases = cases(num_experts, tokens)
+    pressure = cpu_pressure()
+    got = _run_workers(cluster, all_cases, steps, warmup, device, backend, timeout_s, statistic)
+    pressures = [pressure, cpu_pressure()]
+    same_time = build_cluster(got["calibration"], ProfileOptions(expert=cluster.expert, slots=int(cluster.slots.max()),
+                                                                 statistic=statistic, name="interleaved"))
+    return [_row(c, m, cluster, same_time, STATISTICS[statistic], statistic, pressures)
+            for c, m in zip(all_cases, got["rows"])]
+
+
+def _check(cluster: Cluster, statistic: str | None) -> tuple[str, str, str]:
+    """(statistic, device, backend) for this cluster, or an InputError naming what does not fit."""
+    from cost_models.profiler import STATISTICS, resolve_device
 
     statistic = statistic or cluster.provenance.get("statistic", "median")
     if statistic not in STATISTICS:
         raise InputError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
-
     if cluster.num_devices != WORLD:
         raise InputError(f"validation runs on {WORLD} local devices; the cluster has {cluster.num_devices}")
+    if cluster.expert.dtype != "fp32":
+        raise InputError(f"the runtime's experts train in fp32; the cluster was profiled with "
+                         f"{cluster.expert.dtype} experts (profile with --dtype fp32 to validate)")
     kind = "cuda" if cluster.provenance.get("backend") == "nccl" else "cpu"
     device, backend = resolve_device(kind)
     if device == "cuda":
         import torch
         if torch.cuda.device_count() < WORLD:
             raise InputError(f"the validation needs {WORLD} GPUs on this host, it has {torch.cuda.device_count()}")
-    all_cases = cases(num_experts, tokens)
-    docs = []
-    for c in all_cases:
-        n = route_tokens(c.counts, c.share)  # the runtime's dispatcher, whole tokens
-        docs.append({"name": c.name, "x": c.x.tolist(), "n": n.tolist(),
-                     "owner": None if c.owner is None else [int(o) for o in c.owner]})
-    pressure = cpu_pressure()
+    return statistic, device, backend
+
+
+def _run_workers(cluster: Cluster, all_cases: list[Case], steps: int, warmup: int, device: str, backend: str,
+                 timeout_s: float, statistic: str) -> dict:
+    """Spawn the WORLD workers and return what rank 0 wrote."""
+    from cost_models.launch import free_port, spawn_local
+
+    docs = [{"name": c.name, "counts": c.counts.tolist(), "x": c.x.tolist(), "share": c.share.tolist(),
+             "owner": None if c.owner is None else [int(o) for o in c.owner]} for c in all_cases]
     fd, result = tempfile.mkstemp(prefix="flexmoe-validate-", suffix=".json")
     os.close(fd)
     try:
         spawn_local(_worker, (free_port(), cluster.to_dict(), docs, steps, warmup, device, backend, timeout_s,
                               statistic, result), WORLD, timeout_s, "validation")
         with open(result) as f:
-            got = json.load(f)
+            return json.load(f)
     finally:
         os.unlink(result)
-    after = cpu_pressure()
-    same_time = build_cluster(got["calibration"], ProfileOptions(expert=cluster.expert, slots=int(cluster.slots.max()),
-                                                                 statistic=statistic, name="interleaved"))
-    rows = []
-    for c, m in zip(all_cases, got["rows"]):
-        b = estimate(cluster, c.counts, c.x, c.share, c.owner)
-        b2 = estimate(same_time, c.counts, c.x, c.share, c.owner)
-        g = b.straggler
-        measured = float(STATISTICS[statistic](m["times_s"]))
-        rows.append({"shape": c.name, "predicted_s": b.step_time, "measured_s": measured,
-                     "rel_error": b.step_time / measured - 1.0, "statistic": statistic, "balance": b.balance,
-                     "predicted_interleaved_s": b2.step_time, "rel_error_interleaved": b2.step_time / measured - 1.0,
-                     "interleaved_cluster": same_time.to_dict(),
-                     "cpu_pressure_pct": [pressure, after],
-                     "compute_s": float(b.compute[g]), "a2a_s": float(b.a2a[g]), "sync_s": float(b.sync[g]),
-                     "phases_ms": {r: {p: round(float(v) * 1e3, 2) for p, v in
-                                       zip(PHASES, STATISTICS[statistic](np.array(m["phases_s"][r]), axis=0))}
-                                   for r in range(WORLD)},
-                     "spread_s": [float(np.percentile(m["times_s"], 25)), float(np.percentile(m["times_s"], 75))]})
-    return rows
+
+
+def _row(c: Case, m: dict, cluster: Cluster, same_time: Cluster, stat, statistic: str, pressures: list) -> dict:
+    """One output row: the two predictions, the measured step, the phases, what the layer saw."""
+    from experiments.layer_replay import PHASES
+
+    b = estimate(cluster, c.counts, c.x, c.share, c.owner)
+    b2 = estimate(same_time, c.counts, c.x, c.share, c.owner)
+    g = b.straggler
+    measured = float(stat(m["times_s"]))
+    return {"shape": c.name, "predicted_s": b.step_time, "measured_s": measured,
+            "rel_error": b.step_time / measured - 1.0, "statistic": statistic, "balance": b.balance,
+            "predicted_interleaved_s": b2.step_time, "rel_error_interleaved": b2.step_time / measured - 1.0,
+            "interleaved_cluster": same_time.to_dict(), "cpu_pressure_pct": pressures,
+            "compute_s": float(b.compute[g]), "a2a_s": float(b.a2a[g]), "sync_s": float(b.sync[g]),
+            "phases_ms": {r: {p: round(float(v) * 1e3, 2) for p, v in
+                              zip(PHASES, stat(np.array(m["phases_s"][r]), axis=0))} for r in range(WORLD)},
+            "seen": _seen(m["seen"]),
+            "spread_s": [float(np.percentile(m["times_s"], 25)), float(np.percentile(m["times_s"], 75))]}
+
+
+def _seen(per_rank: list[dict]) -> dict:
+    """What the real layer saw on the last step: the counts it gathered (rank 0's copy, every rank
+    gathers the same), the shares it dispatched with, and `served[expert][device]`, the tokens each
+    device's experts computed."""
+    return {"counts": per_rank[0]["counts"], "share": per_rank[0]["share"],
+            "served": np.array([r["served"] for r in per_rank]).T.tolist()}
 
 
 def table(rows: list[dict]) -> str:

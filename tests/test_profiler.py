@@ -115,17 +115,36 @@ def test_profile_quick_world_size_2(tmp_path, capsys):
     assert [f.name for f in tmp_path.iterdir()] == ["cluster.json"]  # no temp file left behind
 
 
-def test_validation_runs_real_steps_world_size_2():
+def test_validation_replays_each_case_through_the_real_layer_world_size_2():
+    """The steps go through runtime.layer.FlexMoE: the counts its dispatch gathered are the case's,
+    it used the case's shares, and each device's experts computed what the routing rule sends them."""
     from cost_models.presets import local_cpu
     from experiments.validate_estimator import table, validate
 
     rows = validate(local_cpu(slots=4, expert=ExpertShape(32, 64, "fp32")), num_experts=4, tokens=64, steps=2,
                     warmup=1, timeout_s=60)
-    assert [r["shape"] for r in rows] == [c.name for c in cases(4, 64)]
-    for r in rows:
+    all_cases = cases(4, 64)
+    assert [r["shape"] for r in rows] == [c.name for c in all_cases]
+    for r, c in zip(rows, all_cases):
         assert r["measured_s"] > 0 and r["predicted_s"] > 0 and np.isfinite(r["rel_error"])
         assert set(r["phases_ms"]) == {0, 1}
+        for ph in r["phases_ms"].values():  # the experts' time is inside the layer's forward and backward
+            assert 0 < ph["experts fwd"] <= ph["forward"] and 0 < ph["experts bwd"] <= ph["backward"]
+        seen = r["seen"]
+        assert (np.array(seen["counts"]) == c.counts).all(), c.name
+        assert np.array(seen["share"]) == pytest.approx(c.share), c.name
+        served = route_tokens(c.counts, c.share).sum(axis=0)  # [expert, device]
+        assert (np.array(seen["served"]) == served).all(), c.name
     assert "worst relative error" in table(rows)
+
+
+def test_validation_refuses_a_cluster_the_runtime_cannot_train_like():
+    """The runtime's experts are fp32: a bf16 profile would predict another computation."""
+    from cost_models.presets import local_cpu
+    from experiments.validate_estimator import validate
+
+    with pytest.raises(InputError, match="fp32"):
+        validate(local_cpu(expert=ExpertShape(32, 64, "bf16")), num_experts=4, tokens=8, steps=1, timeout_s=10)
 
 
 def test_pairs_cover_every_link_class():
