@@ -36,7 +36,7 @@ class _State:
     def __init__(self, cluster: Cluster, counts, x, owner, x0, owner0, interval):
         load = counts.sum(axis=0)
         self.c, self.load, self.interval = cluster, load, interval
-        self.counts = np.ascontiguousarray(counts.T)  # [E, G]: tokens of each expert from each source device
+        self.counts = np.ascontiguousarray(counts.T)  # [E, G]: tokens of each expert from each source
         self.x, self.owner = x.copy(), owner.copy()
         self.x0, self.owner0 = x0, owner0
         self.a, self.b = cluster.compute_a, cluster.compute_b
@@ -89,13 +89,15 @@ class _State:
         sr = np.stack([c - local, y - local], axis=1)  # [k, send or receive, G]: tokens off the device
         by_node = (sr.reshape(-1, sr.shape[2]) @ self.onehot).reshape(len(es), 2, -1)
         m_node = np.maximum(by_node[:, :1], by_node[:, 1:])
-        # the part that stays inside the node: a sender's by what its node takes, a receiver's by what it sends
+        # the part that stays in the node: a sender's by what its node takes, a receiver's by what it sends
         stay = np.divide(by_node[:, ::-1], m_node, out=np.zeros_like(by_node), where=m_node > 0)
-        stay = np.take(stay, self.node, axis=2)  # not stay[..., node]: that is laid out column-major, slow to use
+        stay = np.take(stay, self.node, axis=2)  # not stay[..., node]: laid out column-major, slow to use
         return f, mig, np.concatenate([sr * stay * self.cost_intra, sr * (1 - stay) * self.cost_inter], axis=1)
 
     def _a2a(self, parts):
-        return A2A_PHASES * (np.maximum(parts[..., 0, :], parts[..., 1, :]) + np.maximum(parts[..., 2, :], parts[..., 3, :])) + self.lat
+        intra = np.maximum(parts[..., 0, :], parts[..., 1, :])
+        inter = np.maximum(parts[..., 2, :], parts[..., 3, :])
+        return A2A_PHASES * (intra + inter) + self.lat
 
     def times(self):
         return self.a * self.n + self.b * self.tok + self.sync + self._a2a(self.a2a_parts)
@@ -273,8 +275,8 @@ def judge(cluster: Cluster, counts, cands, current, interval):
     on its step) exceeds the best objective found so far cannot win: it is not estimated and
     its objective reads None. Candidates are estimated in the order of that bound."""
     load = np.asarray(counts, dtype=np.float64).sum(axis=0)
-    bound = [float((cluster.compute_a * x.sum(axis=0) + cluster.compute_b * (load[:, None] * s).sum(axis=0)).max())
-             for _, x, s, _ in cands]
+    a, b = cluster.compute_a, cluster.compute_b
+    bound = [float((a * x.sum(axis=0) + b * (load[:, None] * s).sum(axis=0)).max()) for _, x, s, _ in cands]
     best, objs = (np.inf, len(cands)), {}
     for i in sorted(range(len(cands)), key=bound.__getitem__):
         name, x, s, o = cands[i]
