@@ -8,7 +8,8 @@ estimate costs about a millisecond at 256 experts on 64 devices, too dear for ev
 The estimator is the final judge: among the start, the greedy result, the greedy result with
 levelled shares, the wrap-around construction and the node-aware constructions (nodes first,
 then devices: `construct.hierarchical`, each also with owners that spread the inter-node weight
-syncs: `construct.spread_owners`), the best estimated objective wins.
+syncs: `construct.spread_owners`), the best estimated objective wins (`judge`: one whose compute
+time alone exceeds the best so far, such as a static start, is not estimated).
 Deterministic: ties go to the lowest expert and device ids.
 """
 
