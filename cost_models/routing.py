@@ -202,9 +202,10 @@ def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None
         m_node = np.maximum(r_node, c_node)
         inv = np.divide(1.0, m_node, out=np.zeros_like(m_node), where=m_node > 0)
         same = node[:, None] == node[None, :]
-        remote = ((rest * inv[:, node]).T @ cap) * same
-        rest = rest * ((m_node - c_node) * inv)[:, node]  # what the node could not absorb
-        cap = cap * ((m_node - r_node) * inv)[:, node]  # what its replicas still take
+        # np.take, not [:, node]: that result is laid out column-major, slow in what follows
+        remote = ((rest * np.take(inv, node, axis=1)).T @ cap) * same
+        rest = rest * np.take((m_node - c_node) * inv, node, axis=1)  # what the node could not absorb
+        cap = cap * np.take((m_node - r_node) * inv, node, axis=1)  # what its replicas still take
     else:
         remote = np.zeros((c.shape[1], c.shape[1]))
     total = cap.sum(axis=1, keepdims=True)  # 3. the rest crosses, over the spare capacity left

@@ -30,7 +30,7 @@ def _wrap(load, order, a, b, slots, target, light):
     end of `order`, then items from the heavy end, splitting the one that crosses the target onto
     the next device (McNaughton's wrap-around). Pieces [(expert, device, tokens)] or None when the
     slots run out first. Plain Python lists: this runs inside a binary search."""
-    rem = {e: load[e] for e in order}
+    rem = list(load)  # by expert
     pieces = []
     lo, hi = 0, len(order) - 1  # heavy end at lo, light end at hi
     for g in range(len(slots)):
@@ -119,39 +119,70 @@ def balance_shares(x: np.ndarray, load: np.ndarray, a: np.ndarray, b: np.ndarray
                    share: np.ndarray | None = None, base: np.ndarray | None = None) -> np.ndarray:
     """Shares for a fixed placement that level the devices' compute time (plus `base` seconds per
     device, if given), by water-filling one replicated expert at a time against the others
-    (coordinate descent)."""
+    (coordinate descent). Plain Python floats inside: an expert has a few replicas, too few for
+    numpy calls to pay."""
     x = np.asarray(x, bool)
     load = np.asarray(load, dtype=np.float64)
     if share is None:
         share = x / np.maximum(x.sum(axis=1, keepdims=True), 1)
     y = load[:, None] * share
-    t = a * x.sum(axis=0) + b * y.sum(axis=0) + (0.0 if base is None else base)
-    multi = [e for e in np.argsort(-load, kind="stable") if x[e].sum() > 1 and load[e] > 0]
+    t = (a * x.sum(axis=0) + b * y.sum(axis=0) + (0.0 if base is None else base)).tolist()
+    bl = np.asarray(b, dtype=np.float64).tolist()
+    reps = x.sum(axis=1)
+    multi = [e for e in np.argsort(-load, kind="stable").tolist() if reps[e] > 1 and load[e] > 0]
+    devs = {e: np.flatnonzero(x[e]).tolist() for e in multi}
+    ys = {e: y[e, devs[e]].tolist() for e in multi}
     for _ in range(rounds):
         for e in multi:
-            devs = np.flatnonzero(x[e])
-            base = t[devs] - b[devs] * y[e, devs]
-            new = _water(base, b[devs], load[e])
-            t[devs] = base + b[devs] * new
-            y[e, devs] = new
+            bd = [bl[g] for g in devs[e]]
+            rest = [t[g] - bg * yg for g, bg, yg in zip(devs[e], bd, ys[e])]
+            ys[e] = _water(rest, bd, float(load[e]))
+            for g, r, bg, yg in zip(devs[e], rest, bd, ys[e]):
+                t[g] = r + bg * yg
+    for e in multi:
+        y[e, devs[e]] = ys[e]
     return np.where(load[:, None] > 0, y / np.maximum(load[:, None], 1e-300), share)
 
 
-def _water(base: np.ndarray, b: np.ndarray, amount: float) -> np.ndarray:
-    """Pour `amount` tokens over devices at times `base` (seconds per token `b`) to a common level."""
-    order = np.argsort(base, kind="stable")
-    bs, ws = base[order], 1.0 / b[order]
-    level = bs[0]
-    for j in range(len(bs)):
+def _water(base, b, amount: float) -> list:
+    """Pour `amount` tokens over devices at times `base` (seconds per token `b`) to a common level:
+    the tokens per device, a list. Sequences of Python floats in and out (a few devices)."""
+    order = sorted(range(len(base)), key=base.__getitem__)  # stable, as argsort(kind="stable")
+    bs, ws = [base[i] for i in order], [1.0 / b[i] for i in order]
+    n, level = len(bs), bs[0]
+    for j in range(n):
         # raise the level over the first j+1 devices until it reaches the next device's base
-        cap = np.sum((bs[j + 1] - bs[:j + 1]) * ws[:j + 1]) if j + 1 < len(bs) else np.inf
+        cap = _sum([(bs[j + 1] - bs[k]) * ws[k] for k in range(j + 1)]) if j + 1 < n else np.inf
         if cap >= amount:
-            level = (amount + np.sum(bs[:j + 1] * ws[:j + 1])) / np.sum(ws[:j + 1])
+            level = (amount + _sum([bs[k] * ws[k] for k in range(j + 1)])) / _sum(ws[:j + 1])
             break
-    out = np.zeros(len(bs))
-    out[order] = np.clip((level - bs) * ws, 0.0, None)
-    s = out.sum()
-    return out * (amount / s) if s > 0 else out
+    out = [0.0] * n
+    for k, i in enumerate(order):
+        out[i] = max((level - bs[k]) * ws[k], 0.0)
+    s = _sum(out)
+    return [v * (amount / s) for v in out] if s > 0 else out
+
+
+def _sum(v: list) -> float:
+    """Sum as numpy's `np.sum` of a float64 array adds (pairwise, in blocks of eight, up to 128
+    items), so that these list loops give the same plans to the last bit as array code."""
+    n = len(v)
+    if n < 8:
+        s = 0.0
+        for a in v:
+            s += a
+        return s
+    if n > 128:
+        return float(np.sum(v))
+    r = v[:8]
+    m = n - n % 8
+    for i in range(8, m, 8):
+        for k in range(8):
+            r[k] += v[i + k]
+    s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    for i in range(m, n):
+        s += v[i]
+    return s
 
 
 def hierarchical(cluster: Cluster, counts: np.ndarray, extras=None) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -275,7 +306,7 @@ def _node_shares(host: np.ndarray, demand: np.ndarray, load: np.ndarray, speed: 
             y[e, ks] += orphan[e]
             work[ks] += orphan[e]
             continue
-        add = _water(work[ks] / speed[ks], 1.0 / speed[ks], orphan[e])
+        add = np.asarray(_water((work[ks] / speed[ks]).tolist(), (1.0 / speed[ks]).tolist(), float(orphan[e])))
         y[e, ks] += add
         work[ks] += add
     target = load.sum() * speed / speed.sum()

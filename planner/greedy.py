@@ -8,7 +8,8 @@ estimate costs about a millisecond at 256 experts on 64 devices, too dear for ev
 The estimator is the final judge: among the start, the greedy result, the greedy result with
 levelled shares, the wrap-around construction and the node-aware constructions (nodes first,
 then devices: `construct.hierarchical`, each also with owners that spread the inter-node weight
-syncs: `construct.spread_owners`), the best estimated objective wins.
+syncs: `construct.spread_owners`), the best estimated objective wins (`judge`: one whose compute
+time alone exceeds the best so far, such as a static start, is not estimated).
 Deterministic: ties go to the lowest expert and device ids.
 """
 
@@ -17,13 +18,14 @@ from __future__ import annotations
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import SYNC_PHASES, estimate
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES, estimate
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
 from planner.score import even_shares, objective, pick_owner
 
 BALANCE_THRESHOLD = 1.02  # stop once the busiest device has at most 2% over the mean tokens
 MIN_GAIN = 1e-9  # seconds: a move must beat this to count
+PRUNE_MARGIN = 1e-9  # relative: a bound must beat the best by this to skip an estimate (rounding)
 # experts x devices up to which the node-aware constructions are tried here: they cost about
 # 20 ms per variant at 256 x 64, over the greedy's budget; the ILP, which has seconds, always tries them
 HIERARCHICAL_CELLS = 4096
@@ -35,7 +37,7 @@ class _State:
     def __init__(self, cluster: Cluster, counts, x, owner, x0, owner0, interval):
         load = counts.sum(axis=0)
         self.c, self.load, self.interval = cluster, load, interval
-        self.counts = counts.T  # [E, G]: tokens of each expert from each source device
+        self.counts = np.ascontiguousarray(counts.T)  # [E, G]: tokens of each expert from each source
         self.x, self.owner = x.copy(), owner.copy()
         self.x0, self.owner0 = x0, owner0
         self.a, self.b = cluster.compute_a, cluster.compute_b
@@ -46,7 +48,7 @@ class _State:
         self.num_nodes = int(self.node.max()) + 1
         self.onehot = np.eye(self.num_nodes)[self.node]  # [G, nodes]
         tb = cluster.expert.token_bytes
-        self.lat = 4 * cluster.alpha.sum(axis=1)
+        self.lat = A2A_PHASES * cluster.alpha.sum(axis=1)
         self.inv_intra = _intra(cluster)
         self.cost_intra = tb * self.inv_intra
         self.cost_inter = tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
@@ -58,7 +60,7 @@ class _State:
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
         self.sync_to = SYNC_PHASES * self.P * self.invb.T
-        near = (x0 @ self.onehot)[:, self.node] > 0
+        near = np.take(x0 @ self.onehot, self.node, axis=1) > 0
         self.copy_s = self.P * np.where(near, self.inv_intra, self.invb[owner0])
         self.sync_e, self.mig_e, self.a2a_e = self._rows(es, self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
         self.sync, self.mig, self.a2a_parts = self.sync_e.sum(0), self.mig_e.sum(0), self.a2a_e.sum(0)
@@ -79,22 +81,24 @@ class _State:
         mig = np.where(rows & ~self.x0[es], self.copy_s[es], 0.0)
         src = self.owner0[es]
         moved = owners != src
-        mig[k[moved], owners[moved]] += self.c.expert.optimizer_bytes * self.invb[src[moved], owners[moved]]
+        if moved.any():
+            mig[k[moved], owners[moved]] += self.c.expert.optimizer_bytes * self.invb[src[moved], owners[moved]]
         # all-to-all, routed as the estimator routes: own device, own node, then other nodes
         y = rf * (self.load[es] / np.maximum(rf.sum(axis=1), 1))[:, None]
         c = self.counts[es]
         local = np.minimum(c, y)
-        send, recv = c - local, y - local
-        r_node, c_node = send @ self.onehot, recv @ self.onehot
-        m_node = np.maximum(r_node, c_node)
-        stay_s = np.divide(c_node, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, self.node]
-        stay_r = np.divide(r_node, m_node, out=np.zeros_like(m_node), where=m_node > 0)[:, self.node]
-        a2a = np.stack([send * stay_s * self.cost_intra, recv * stay_r * self.cost_intra,
-                        send * (1 - stay_s) * self.cost_inter, recv * (1 - stay_r) * self.cost_inter], axis=1)
-        return f, mig, a2a
+        sr = np.stack([c - local, y - local], axis=1)  # [k, send or receive, G]: tokens off the device
+        by_node = (sr.reshape(-1, sr.shape[2]) @ self.onehot).reshape(len(es), 2, -1)
+        m_node = np.maximum(by_node[:, :1], by_node[:, 1:])
+        # the part that stays in the node: a sender's by what its node takes, a receiver's by what it sends
+        stay = np.divide(by_node[:, ::-1], m_node, out=np.zeros_like(by_node), where=m_node > 0)
+        stay = np.take(stay, self.node, axis=2)  # not stay[..., node]: laid out column-major, slow to use
+        return f, mig, np.concatenate([sr * stay * self.cost_intra, sr * (1 - stay) * self.cost_inter], axis=1)
 
     def _a2a(self, parts):
-        return 4 * (np.maximum(parts[..., 0, :], parts[..., 1, :]) + np.maximum(parts[..., 2, :], parts[..., 3, :])) + self.lat
+        intra = np.maximum(parts[..., 0, :], parts[..., 1, :])
+        inter = np.maximum(parts[..., 2, :], parts[..., 3, :])
+        return A2A_PHASES * (intra + inter) + self.lat
 
     def times(self):
         return self.a * self.n + self.b * self.tok + self.sync + self._a2a(self.a2a_parts)
@@ -110,11 +114,11 @@ class _State:
         es = np.array([c[0] for c in cands])
         rows = np.array([c[1] for c in cands], dtype=bool)
         owners = np.array([c[2] for c in cands])
-        dt = (rows * (self.load[es] / rows.sum(axis=1))[:, None]
-              - self.x[es] * (self.load[es] / self.r[es])[:, None])
+        xe, le = self.x[es], self.load[es]
+        dt = rows * (le / rows.sum(axis=1))[:, None] - xe * (le / self.r[es])[:, None]
         s, m, a2a = self._rows(es, rows, owners)
         self.last = (cands, s, m, a2a)  # `apply` reuses the rows of the candidate it is given
-        p = (self.a * (self.n + rows - self.x[es]) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
+        p = (self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
              + self._a2a(self.a2a_parts[None] - self.a2a_e[es] + a2a))
         return p.max(axis=1) + (self.mig - self.mig_e[es] + m).max(axis=1) / self.interval
 
@@ -156,19 +160,12 @@ def _candidates(st: _State):
     hot = [int(e) for e in np.argsort(-q, kind="stable")[:2]]
     on_s = np.flatnonzero(st.x[:, s])
     hot += [int(e) for e in on_s if e not in hot]  # and the straggler's experts
-    # the least busy device with room and no replica yet, for several experts at once (first of equals)
-    room = free > 0
-
-    def target(es):
-        ok = room[None, :] & ~st.x[es]
-        return np.where(ok, p[None, :], np.inf).argmin(axis=1), ok.any(axis=1)
-
-    gs, has = target(np.array(hot))
-    for e, g, h in zip(hot, gs.tolist(), has.tolist()):
-        if h:
-            row = st.x[e].copy()
-            row[g] = True
-            out.append((e, row, st.owner[e]))
+    # the least busy device with room and no replica yet, for all these experts at once (first of equals)
+    ok = (free > 0)[None, :] & ~st.x[hot]
+    gs, has = np.where(ok, p[None, :], np.inf).argmin(axis=1), ok.any(axis=1).tolist()
+    grow = st.x[hot]  # a copy: one new row per expert
+    grow[np.arange(len(hot)), gs] = True
+    out += [(e, grow[i], st.owner[e]) for i, e in enumerate(hot) if has[i]]
     # shrink the expert with the lowest load per replica, on its busiest device
     multi = np.flatnonzero(st.r > 1)
     if len(multi):
@@ -179,14 +176,13 @@ def _candidates(st: _State):
         row[g] = False
         own = st.owner[e] if st.owner[e] != g else int(np.flatnonzero(row)[np.argmin(p[row])])
         out.append((e, row, own))
-    # migrate a replica off the straggler to the least busy device with room
-    gs, has = target(on_s)
-    for e, g, h in zip(on_s.tolist(), gs.tolist(), has.tolist()):
-        if h:
-            row = st.x[e].copy()
-            row[s], row[g] = False, True
-            own = g if st.owner[e] == s else st.owner[e]
-            out.append((int(e), row, own))
+    # migrate a replica off the straggler to the least busy device with room (found above: on_s is in hot)
+    at = [hot.index(e) for e in on_s.tolist()]
+    move = st.x[on_s]
+    move[:, s] = False
+    move[np.arange(len(at)), gs[at]] = True
+    out += [(e, move[i], g if st.owner[e] == s else st.owner[e])
+            for i, (e, g) in enumerate(zip(on_s.tolist(), gs[at].tolist())) if has[at[i]]]
     return out
 
 
@@ -268,8 +264,26 @@ def greedy(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = Non
             # the same placement with owners that spread the syncs over the slow link
             base = estimate(cluster, counts, hx, hs).total  # seconds without sync
             cands.append((name + "/owners", hx, hs, spread_owners(cluster, hx, base, own)))
-    scored = [(objective(cluster, counts, x, s, o, current, interval), i) for i, (_, x, s, o) in enumerate(cands)]
-    obj, i = min(scored)
+    i, objs = judge(cluster, counts, cands, current, interval)
     name, x, share, owner = cands[i]
     return x, share, owner, {"solver": "greedy", "status": "heuristic", "moves_tried": moves, "picked": name,
-                             "candidates": {cands[j][0]: o for o, j in scored}}
+                             "candidates": objs}
+
+
+def judge(cluster: Cluster, counts, cands, current, interval):
+    """(index of the best, {name: objective}) of candidates (name, x, share, owner) by the
+    estimator's objective, ties to the first. A candidate whose compute time alone (a lower bound
+    on its step) exceeds the best objective found so far cannot win: it is not estimated and
+    its objective reads None. Candidates are estimated in the order of that bound."""
+    load = np.asarray(counts, dtype=np.float64).sum(axis=0)
+    a, b = cluster.compute_a, cluster.compute_b
+    bound = [float((a * x.sum(axis=0) + b * (load[:, None] * s).sum(axis=0)).max()) for _, x, s, _ in cands]
+    best, objs = (np.inf, len(cands)), {}
+    for i in sorted(range(len(cands)), key=bound.__getitem__):
+        name, x, s, o = cands[i]
+        if bound[i] > best[0] * (1 + PRUNE_MARGIN):
+            objs[name] = None
+            continue
+        objs[name] = objective(cluster, counts, x, s, o, current, interval)
+        best = min(best, (objs[name], i))
+    return best[1], {name: objs[name] for name, *_ in cands}

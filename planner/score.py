@@ -72,7 +72,7 @@ def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: Laye
         keep = x[np.arange(x.shape[0]), current.owner]
         owner[keep], todo = current.owner[keep], ~keep
     onehot = np.eye(int(node.max()) + 1)[node]  # [G, nodes]
-    same = (x @ onehot)[:, node]  # replicas of each expert on each device's node
+    same = np.take(x @ onehot, node, axis=1)  # replicas of each expert on each device's node
     key = np.where(x, same * 10.0 + share, -np.inf)
     owner[todo] = np.argmax(key[todo], axis=1)
     return owner
