@@ -23,7 +23,7 @@ import numpy as np
 from cost_models.estimator import estimate
 from planner import bounds
 from planner.construct import from_nodes, spread_owners
-from planner.score import check_inputs, finish, objective, pick_owner
+from planner.score import check_inputs, finish, migration_s, objective, pick_owner
 
 POLICIES = ("greedy", "eplb", "ilp")  # distances reported per re-plan
 FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from", "offline_relaxation",
@@ -214,3 +214,53 @@ def polish(cluster, counts, current, interval: int, x, share, owner, seconds: fl
         if v < best:
             return x, sh, owner, v
     return x, share, owner, best
+
+
+def term_means(cluster, counts, x, share, owner, current, interval: int) -> dict:
+    """A plan's step split by term, seconds per device averaged over the cluster (the keys of
+    `planner.bounds.NodeRelaxation.terms`; `step`: the slowest device, as the objective has it)."""
+    est = estimate(cluster, counts, x, share, owner)
+    lat = bounds.latency(cluster)
+    return {"compute": float(est.compute.mean()), "a2a": float((est.a2a - lat).mean()), "sync": float(est.sync.mean()),
+            "latency": float(lat.mean()), "step": est.step_time,
+            "migration": migration_s(cluster, current, x, owner, interval)}
+
+
+def diagnose(cluster, counts, current, interval: int, budget: float, workers: int = 1) -> dict:
+    """Where the gap lies: the offline best plan's terms beside those of the node relaxation's
+    incumbent (solved with the best plan as `upper`). A term the relaxation charges much less
+    than the plan pays is where either the bound is loose or the plans are weak."""
+    found = solve_instance(cluster, counts, current, interval, budget / 2, workers)
+    rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=found["offline_best_s"])
+    bound, sol, status = rel.solve(budget / 2)
+    return {"best_s": found["offline_best_s"], "best_from": found["offline_best_from"],
+            "bound_s": max(bound, found["offline_bound_s"]), "relaxation_status": status,
+            "plan": term_means(cluster, counts, *found["best_plan"], current, interval), "best_plan": found["best_plan"],
+            "relaxation": rel.terms() if sol is not None else None}
+
+
+def main(argv=None):
+    """Term-by-term diagnosis of a few instances of the real excerpt (`experiments.bench_planner`'s)."""
+    import argparse
+
+    from cost_models.presets import preset
+    from experiments.bench_planner import smartmoe
+    from planner.plan import static_layer
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("instances", type=int, nargs="+")
+    ap.add_argument("--budget", type=float, default=40.0, help="seconds per instance (half plans, half bound)")
+    args = ap.parse_args(argv)
+    cluster = preset("dgx-a100-2x8", slots=3)
+    loads = smartmoe(False)
+    print("ms per device (mean): plan / relaxation's incumbent")
+    for i in args.instances:
+        counts = loads[i]
+        d = diagnose(cluster, counts, static_layer(counts.shape[1], cluster.slots), 50, args.budget)
+        r = d["relaxation"] or {}
+        cols = " ".join(f"{k} {d['plan'][k] * 1e3:.2f}/{r.get(k, float('nan')) * 1e3:.2f}" for k in d["plan"])
+        print(f"inst {i}: best {d['best_s'] * 1e3:.3f} ({d['best_from']}) bound {d['bound_s'] * 1e3:.3f} "
+              f"gap {(d['best_s'] / d['bound_s'] - 1) * 100:.1f}% [{d['relaxation_status']}]  {cols}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

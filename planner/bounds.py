@@ -143,6 +143,13 @@ def quick_bound(cluster: Cluster, counts: np.ndarray) -> float:
     return max(compute_bound(cluster, counts), traffic_bound(cluster, counts))
 
 
+def _status_name(status) -> str:
+    from ortools.linear_solver import pywraplp
+    S = pywraplp.Solver
+    return {S.OPTIMAL: "optimal", S.FEASIBLE: "feasible", S.INFEASIBLE: "infeasible",
+            S.NOT_SOLVED: "unknown"}.get(status, "error")
+
+
 class _Scale(NamedTuple):
     """Units of a relaxation: tokens in blocks of `U` (the layer's tokens / 1000), time in `tau`
     seconds (the compute bound / 1000), so coefficients stay near 1."""
@@ -402,9 +409,7 @@ class Relaxation:
             ys = np.array([[max(v.solution_value(), 0.0) for v in row] for row in self.y])
             own = np.array([int(np.argmax([v.solution_value() for v in row])) for row in self.o])
             plan = (xs, ys, own)
-        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
-                 pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "unknown"}
-        return float(bound), plan, names.get(st, "error")
+        return float(bound), plan, _status_name(st)
 
     def _integer(self):
         return any(v.integer() for v in self.x[0])
@@ -444,6 +449,7 @@ class NodeRelaxation:
         self._variables()
         T = s.NumVar(0, s.infinity(), "T")
         self._expert_rows(T)
+        self.parts = []  # per node (replicas, blocks served, all-to-all, sync): for `terms`
         mig = None
         if current is not None:
             mig = s.NumVar(0, s.infinity(), "mig")
@@ -453,7 +459,7 @@ class NodeRelaxation:
                 self._node_migration(k, mig, current)
         s.Add(T >= float(quick_bound(cluster, counts) / self.tau) * (1 - SAFETY))
         s.Minimize(T + (mig * (1.0 / interval) if mig is not None else 0))
-        self.T = T
+        self.T, self.mig, self.interval = T, mig, interval
 
     def _node_data(self) -> None:
         """Per node, in the relaxation's units: devices, demand, slots, link costs, caps."""
@@ -577,8 +583,10 @@ class NodeRelaxation:
         s.Add(sum(self.n[e][k] for e in range(E)) <= int(self.slots[k]))
         nk = sum(self.n[e][k] for e in range(E))
         Yk = sum(self.Y[e][k] for e in range(E))
+        A, S = self._node_a2a(k), self._node_sync(k)
+        self.parts.append((nk, Yk, A, S))
         s.Add(float(self.m[k]) * T >= float(lat[d].sum() / tau) + float(cl.compute_a[d].min() / tau) * nk
-              + float(cl.compute_b[d].min() * self.U / tau) * Yk + self._node_a2a(k) + self._node_sync(k))
+              + float(cl.compute_b[d].min() * self.U / tau) * Yk + A + S)
 
     def _node_migration(self, k: int, mig, current) -> None:
         """Each device's migration receive time is at most mig: new replicas in the node (from the
@@ -615,6 +623,19 @@ class NodeRelaxation:
             nv = np.array([[sum((j + 1) * v.solution_value() for j, v in enumerate(zk)) for zk in ze] for ze in self.z])
             sol = (val(self.u) > 0.5, np.rint(nv).astype(int), val(self.own).argmax(axis=1),
                    np.maximum(val(self.Y), 0.0) * self.U)
-        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
-                 pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "unknown"}
-        return float(bound), sol, names.get(st, "error")
+        return float(bound), sol, _status_name(st)
+
+    def terms(self) -> dict:
+        """After a `solve` with a solution: the incumbent's time split as the node model charges
+        it, seconds per device averaged over the cluster (`compute`, `a2a` without latency,
+        `sync`, `latency`; `step`: its T; `migration`: amortised, as in the objective). Beside a plan's `experiments.offline.term_means` it says
+        which term the relaxation sees cheaper than the plan pays."""
+        cl, tau, G = self.cluster, self.tau, self.cluster.num_devices
+        a, b = cl.compute_a, cl.compute_b
+        val = lambda v: float(v.solution_value()) if hasattr(v, "solution_value") else float(v)
+        comp = sum(float(a[d].min()) * val(n) + float(b[d].min()) * val(Y) * self.U
+                   for d, (n, Y, _, _) in zip(self.devs, self.parts))
+        return {"compute": comp / G, "a2a": sum(val(A) for _, _, A, _ in self.parts) * tau / G,
+                "sync": sum(val(S) for _, _, _, S in self.parts) * tau / G,
+                "latency": float(latency(cl).mean()), "step": val(self.T) * tau,
+                "migration": (val(self.mig) * tau / self.interval) if self.mig is not None else 0.0}
