@@ -49,27 +49,9 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     plans["eplb"] = (ex, es, pick_owner(cluster, ex, es, current))
     obj = {k: objective(cluster, counts, *p, current, interval) for k, p in plans.items()}
     upper = min(obj.values())
-    floor = bounds.quick_bound(cluster, counts)
-    bound, status = floor, "none"
+    bound, status = bounds.quick_bound(cluster, counts), "none"
     if cluster.num_nodes > 1:
-        # the node relaxation twice: without the per-expert local cuts (often proved quickly),
-        # then with them (tighter when proved); the max of valid bounds is valid
-        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper, local_cuts=False)
-        nb, sol, status = rel.solve(0.15 * budget)
-        bound = max(bound, nb)
-        strong = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper)
-        nb2, sol2, status2 = strong.solve(0.35 * budget)
-        if nb2 > nb:
-            bound, status = max(bound, nb2), status2
-        sol = sol2 if sol2 is not None else sol
-        if sol is not None:
-            made = from_nodes(cluster, counts, sol[3], sol[2])
-            if made is not None:
-                x, s, o = made
-                base = estimate(cluster, counts, x, s).total
-                for name, own in (("nodes", o), ("nodes/owners", spread_owners(cluster, x, base, o))):
-                    plans[name] = (x, s, own)
-                    obj[name] = objective(cluster, counts, x, s, own, current, interval)
+        bound, status = _node_bound(cluster, counts, current, interval, budget, upper, bound, plans, obj)
     # every plan so far polished (owners re-picked, shares from the relaxation's LP): candidates
     # and hints; the policies' own objectives stay as they are
     for name in list(plans):
@@ -96,6 +78,28 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
         if p in obj:
             out[f"offline_{p}_gap"] = obj[p] / bound - 1.0
     return out
+
+
+def _node_bound(cluster, counts, current, interval, budget, upper, bound, plans, obj):
+    """The node relaxation twice: without the per-expert local cuts (often proved quickly), then
+    with them (tighter when proved); the max of valid bounds is valid. Its node plan, made into
+    device plans, joins `plans` and `obj`. (bound, status)"""
+    rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper, local_cuts=False)
+    nb, sol, status = rel.solve(0.15 * budget)
+    bound = max(bound, nb)
+    strong = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper)
+    nb2, sol2, status2 = strong.solve(0.35 * budget)
+    if nb2 > nb:
+        bound, status = max(bound, nb2), status2
+    sol = sol2 if sol2 is not None else sol
+    made = from_nodes(cluster, counts, sol[3], sol[2]) if sol is not None else None
+    if made is not None:
+        x, s, o = made
+        base = estimate(cluster, counts, x, s).total
+        for name, own in (("nodes", o), ("nodes/owners", spread_owners(cluster, x, base, o))):
+            plans[name] = (x, s, own)
+            obj[name] = objective(cluster, counts, x, s, own, current, interval)
+    return bound, status
 
 
 def offline_plan_fn(budget: float, workers: int = 2, base=None):
