@@ -625,6 +625,22 @@ class NodeRelaxation:
                    np.maximum(val(self.Y), 0.0) * self.U)
         return float(bound), sol, _status_name(st)
 
+    def fix_to(self, x, share, owner) -> None:
+        """Fix the node decisions (replicas per node, owner node, tokens served per node) to a
+        device plan's: a `solve` then bounds that plan's objective and `terms` say what the node
+        model charges for its structure (the rest of the plan's cost is what the model misses)."""
+        x, share, L = np.asarray(x, bool), np.asarray(share, float), self.counts.sum(axis=0)
+        for e in range(self.E):
+            for k, d in enumerate(self.devs):
+                n = int(x[e, d].sum())
+                for j, v in enumerate(self.z[e][k], start=1):
+                    v.SetBounds(float(j == n), float(j == n))
+                self.u[e][k].SetBounds(float(n > 0), float(n > 0))
+                mine = float(self.node[int(owner[e])] == k)
+                self.own[e][k].SetBounds(mine, mine)
+                y = float(L[e] * share[e, d].sum() / self.U)
+                self.Y[e][k].SetBounds(y * (1 - 1e-7), y * (1 + 1e-7))
+
     def terms(self) -> dict:
         """After a `solve` with a solution: the incumbent's time split as the node model charges
         it, seconds per device averaged over the cluster (`compute`, `a2a` without latency,

@@ -93,3 +93,7 @@ def test_diagnosis_splits_plan_and_relaxation_by_the_same_terms():
     assert rel["compute"] >= cluster.compute_b.min() * counts.sum() / cluster.num_devices * (1 - 1e-6)
     assert rel["a2a"] > 0 and rel["migration"] > 0
     assert rel["step"] + rel["migration"] >= d["bound_s"] * (1 - 1e-6)
+    # fixed to the plan's node structure, the node model bounds that plan and sees its tokens
+    same = d["plan_structure"]
+    assert d["bound_s"] * (1 - 1e-6) <= d["plan_structure_s"] <= d["best_s"] * (1 + 1e-9)
+    assert same["compute"] == pytest.approx(plan["compute"], rel=1e-3) and same["a2a"] > 0
