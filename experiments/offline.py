@@ -23,7 +23,7 @@ import numpy as np
 from cost_models.estimator import estimate
 from planner import bounds
 from planner.construct import from_nodes, spread_owners
-from planner.score import check_inputs, finish, objective, pick_owner
+from planner.score import check_inputs, finish, migration_s, objective, pick_owner
 
 POLICIES = ("greedy", "eplb", "ilp")  # distances reported per re-plan
 FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from", "offline_relaxation",
@@ -49,27 +49,9 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     plans["eplb"] = (ex, es, pick_owner(cluster, ex, es, current))
     obj = {k: objective(cluster, counts, *p, current, interval) for k, p in plans.items()}
     upper = min(obj.values())
-    floor = bounds.quick_bound(cluster, counts)
-    bound, status = floor, "none"
+    bound, status = bounds.quick_bound(cluster, counts), "none"
     if cluster.num_nodes > 1:
-        # the node relaxation twice: without the per-expert local cuts (often proved quickly),
-        # then with them (tighter when proved); the max of valid bounds is valid
-        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper, local_cuts=False)
-        nb, sol, status = rel.solve(0.15 * budget)
-        bound = max(bound, nb)
-        strong = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper)
-        nb2, sol2, status2 = strong.solve(0.35 * budget)
-        if nb2 > nb:
-            bound, status = max(bound, nb2), status2
-        sol = sol2 if sol2 is not None else sol
-        if sol is not None:
-            made = from_nodes(cluster, counts, sol[3], sol[2])
-            if made is not None:
-                x, s, o = made
-                base = estimate(cluster, counts, x, s).total
-                for name, own in (("nodes", o), ("nodes/owners", spread_owners(cluster, x, base, o))):
-                    plans[name] = (x, s, own)
-                    obj[name] = objective(cluster, counts, x, s, own, current, interval)
+        bound, status = _node_bound(cluster, counts, current, interval, budget, upper, bound, plans, obj)
     # every plan so far polished (owners re-picked, shares from the relaxation's LP): candidates
     # and hints; the policies' own objectives stay as they are
     for name in list(plans):
@@ -96,6 +78,28 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
         if p in obj:
             out[f"offline_{p}_gap"] = obj[p] / bound - 1.0
     return out
+
+
+def _node_bound(cluster, counts, current, interval, budget, upper, bound, plans, obj):
+    """The node relaxation twice: without the per-expert local cuts (often proved quickly), then
+    with them (tighter when proved); the max of valid bounds is valid. Its node plan, made into
+    device plans, joins `plans` and `obj`. (bound, status)"""
+    rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper, local_cuts=False)
+    nb, sol, status = rel.solve(0.15 * budget)
+    bound = max(bound, nb)
+    strong = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper)
+    nb2, sol2, status2 = strong.solve(0.35 * budget)
+    if nb2 > nb:
+        bound, status = max(bound, nb2), status2
+    sol = sol2 if sol2 is not None else sol
+    made = from_nodes(cluster, counts, sol[3], sol[2]) if sol is not None else None
+    if made is not None:
+        x, s, o = made
+        base = estimate(cluster, counts, x, s).total
+        for name, own in (("nodes", o), ("nodes/owners", spread_owners(cluster, x, base, o))):
+            plans[name] = (x, s, own)
+            obj[name] = objective(cluster, counts, x, s, own, current, interval)
+    return bound, status
 
 
 def offline_plan_fn(budget: float, workers: int = 2, base=None):
@@ -214,3 +218,60 @@ def polish(cluster, counts, current, interval: int, x, share, owner, seconds: fl
         if v < best:
             return x, sh, owner, v
     return x, share, owner, best
+
+
+def term_means(cluster, counts, x, share, owner, current, interval: int) -> dict:
+    """A plan's step split by term, seconds per device averaged over the cluster (the keys of
+    `planner.bounds.NodeRelaxation.terms`; `step`: the slowest device, as the objective has it)."""
+    est = estimate(cluster, counts, x, share, owner)
+    lat = bounds.latency(cluster)
+    return {"compute": float(est.compute.mean()), "a2a": float((est.a2a - lat).mean()), "sync": float(est.sync.mean()),
+            "latency": float(lat.mean()), "step": est.step_time,
+            "migration": migration_s(cluster, current, x, owner, interval)}
+
+
+def diagnose(cluster, counts, current, interval: int, budget: float, workers: int = 1) -> dict:
+    """Where the gap lies: the offline best plan's terms beside those of the node relaxation's
+    incumbent (solved with the best plan as `upper`). A term the relaxation charges much less
+    than the plan pays is where either the bound is loose or the plans are weak."""
+    found = solve_instance(cluster, counts, current, interval, budget / 2, workers)
+    rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=found["offline_best_s"])
+    bound, sol, status = rel.solve(0.4 * budget)
+    same = bounds.NodeRelaxation(cluster, counts, current, interval)
+    same.fix_to(*found["best_plan"])
+    same_bound, same_sol, _ = same.solve(0.1 * budget)
+    return {"best_s": found["offline_best_s"], "best_from": found["offline_best_from"],
+            "bound_s": max(bound, found["offline_bound_s"]), "relaxation_status": status,
+            "plan": term_means(cluster, counts, *found["best_plan"], current, interval), "best_plan": found["best_plan"],
+            "relaxation": rel.terms() if sol is not None else None,
+            "plan_structure_s": same_bound, "plan_structure": same.terms() if same_sol is not None else None}
+
+
+def main(argv=None):
+    """Term-by-term diagnosis of a few instances of the real excerpt (`experiments.bench_planner`'s)."""
+    import argparse
+
+    from cost_models.presets import preset
+    from experiments.bench_planner import smartmoe
+    from planner.plan import static_layer
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("instances", type=int, nargs="+")
+    ap.add_argument("--budget", type=float, default=40.0, help="seconds per instance (half plans, half bound)")
+    args = ap.parse_args(argv)
+    cluster = preset("dgx-a100-2x8", slots=3)
+    loads = smartmoe(False)
+    print("ms per device (mean): best plan / node model on the plan's structure / relaxation's incumbent")
+    for i in args.instances:
+        counts = loads[i]
+        d = diagnose(cluster, counts, static_layer(counts.shape[1], cluster.slots), 50, args.budget)
+        r, f = d["relaxation"] or {}, d["plan_structure"] or {}
+        nan = float("nan")
+        cols = " ".join(f"{k} {d['plan'][k] * 1e3:.2f}/{f.get(k, nan) * 1e3:.2f}/{r.get(k, nan) * 1e3:.2f}"
+                        for k in d["plan"])
+        print(f"inst {i}: best {d['best_s'] * 1e3:.3f} ({d['best_from']}), node model on its structure "
+              f"{d['plan_structure_s'] * 1e3:.3f}, bound {d['bound_s'] * 1e3:.3f} gap "
+              f"{(d['best_s'] / d['bound_s'] - 1) * 100:.1f}% [{d['relaxation_status']}]\n    {cols}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

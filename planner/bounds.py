@@ -24,6 +24,8 @@ all-to-all + replica sync + latency, plus the amortised migration. Every bound h
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from cost_models.cluster import Cluster
@@ -141,47 +143,103 @@ def quick_bound(cluster: Cluster, counts: np.ndarray) -> float:
     return max(compute_bound(cluster, counts), traffic_bound(cluster, counts))
 
 
+def _status_name(status) -> str:
+    from ortools.linear_solver import pywraplp
+    S = pywraplp.Solver
+    return {S.OPTIMAL: "optimal", S.FEASIBLE: "feasible", S.INFEASIBLE: "infeasible",
+            S.NOT_SOLVED: "unknown"}.get(status, "error")
+
+
+class _Scale(NamedTuple):
+    """Units of a relaxation: tokens in blocks of `U` (the layer's tokens / 1000), time in `tau`
+    seconds (the compute bound / 1000), so coefficients stay near 1."""
+
+    U: float
+    tau: float
+
+
+def _scale(cluster: Cluster, counts: np.ndarray) -> _Scale:
+    return _Scale(max(float(counts.sum()), 1.0) / 1000.0, max(compute_bound(cluster, counts), 1e-12) / 1000.0)
+
+
+def _node_index(cluster: Cluster) -> tuple[np.ndarray, int]:
+    """Each device's node as 0..K-1, and K."""
+    node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
+    return node, int(node.max()) + 1
+
+
+def _finite_class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
+    """`_class_costs` with 0 where a device has no link of the class (it sends nothing over it)."""
+    ci, co = _class_costs(cluster)
+    return np.where(np.isfinite(ci), ci, 0.0), np.where(np.isfinite(co), co, 0.0)
+
+
+class _Ports(NamedTuple):
+    """Per device: blocks sent and received inside the node (`si`, `ri`) and across (`so`, `ro`)."""
+
+    si: list
+    so: list
+    ri: list
+    ro: list
+
+
+class _SyncLoad(NamedTuple):
+    """Per device: follower replicas syncing inside the node and across (`fi`, `fo`), and the
+    followers of the experts it owns inside and across (`oi`, `oo`)."""
+
+    fi: list
+    fo: list
+    oi: list
+    oo: list
+
+
 class Relaxation:
     """The estimator as a mixed-integer program with free routing (see the module notes).
 
-    Units: tokens in blocks of `U` (the layer's tokens / 1000), time in `tau` seconds (the compute
-    bound / 1000), so coefficients stay near 1. `upper`: seconds of a known plan (the best so far),
-    which caps what one replica can serve; bounds are then min(relaxation, upper), still valid."""
+    Units: `_Scale`. `upper`: seconds of a known plan (the best so far), which caps what one
+    replica can serve; bounds are then min(relaxation, upper), still valid."""
 
     def __init__(self, cluster: Cluster, counts, current=None, interval: int = 50, upper: float | None = None,
                  backend: str = "SCIP", integer: bool = True):
         from ortools.linear_solver import pywraplp
         counts = fold_sources(counts, cluster.num_devices)
         self.cluster, self.counts, self.interval, self.upper = cluster, counts, interval, upper
-        G, E = cluster.num_devices, counts.shape[1]
-        self.G, self.E = G, E
-        N = max(float(counts.sum()), 1.0)
-        self.U = U = N / 1000.0
-        self.tau = tau = max(compute_bound(cluster, counts), 1e-12) / 1000.0
+        self.G, self.E = cluster.num_devices, counts.shape[1]
+        self.U, self.tau = _scale(cluster, counts)
+        self.node, self.K = _node_index(cluster)
         s = pywraplp.Solver.CreateSolver(backend if integer else "GLOP")
         if s is None:
             raise RuntimeError(f"OR-Tools has no {backend} solver here")
         self.solver = s
-        inf = s.infinity()
-        a, b, lat = cluster.compute_a, cluster.compute_b, latency(cluster)
-        node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
-        K = int(node.max()) + 1
-        ci, co = _class_costs(cluster)
-        ci = np.where(np.isfinite(ci), ci, 0.0)
-        co = np.where(np.isfinite(co), co, 0.0)
-        tb, P = cluster.expert.token_bytes, cluster.expert.param_bytes
-        c = counts.T / U  # [E, G] blocks from each source
-        L = c.sum(axis=1)
-        cap = np.full(G, np.inf)
-        if upper is not None:
-            cap = np.maximum((upper - lat - a) / b, 0.0) / U
+        self.c = counts.T / self.U  # [E, G] blocks from each source
+        self._placement(integer)
+        ports = self._ports()
+        T = s.NumVar(0, s.infinity(), "T")
+        self._device_times(T, ports, self._sync_load())
+        obj = T
+        if current is not None:
+            obj = T + self._migration(current, self.node, interval) * (1.0 / interval)
+        # the cheap bounds as a floor: valid for every plan, and the LP alone is weaker
+        s.Add(T >= float(quick_bound(cluster, counts) / self.tau) * (1 - SAFETY))
+        s.Minimize(obj)
+        self.T = T
+
+    def _cap(self) -> np.ndarray:
+        """Blocks one replica on each device can serve within `upper` (inf without it)."""
+        cl = self.cluster
+        if self.upper is None:
+            return np.full(self.G, np.inf)
+        return np.maximum((self.upper - latency(cl) - cl.compute_a) / cl.compute_b, 0.0) / self.U
+
+    def _placement(self, integer: bool) -> None:
+        """Replicas `x`, owners `o`, blocks served `y` and kept local `l`, with their links."""
+        s, G, E, c = self.solver, self.G, self.E, self.c
+        L, cap = c.sum(axis=1), self._cap()
         var = s.BoolVar if integer else (lambda name: s.NumVar(0, 1, name))
         x = [[var("") for _ in range(G)] for _ in range(E)]
         o = [[var("") for _ in range(G)] for _ in range(E)]
         y = [[s.NumVar(0, float(min(L[e], cap[g])), "") for g in range(G)] for e in range(E)]
         l = [[s.NumVar(0, float(min(c[e, g], L[e], cap[g])), "") for g in range(G)] for e in range(E)]
-        self.x, self.o, self.y = x, o, y
-        T = s.NumVar(0, inf, "T")
         for e in range(E):
             s.Add(sum(y[e]) == float(L[e]))
             s.Add(sum(o[e]) == 1)
@@ -194,39 +252,50 @@ class Relaxation:
                 s.Add(l[e][g] <= float(c[e, g]) * x[e][g])
                 s.Add(o[e][g] <= x[e][g])
         for g in range(G):
-            s.Add(sum(x[e][g] for e in range(E)) <= int(cluster.slots[g]))
-        # all-to-all: per device send S = C - local, receive R = y - local, each split intra/inter
-        si = [s.NumVar(0, inf, "") for _ in range(G)]
-        so = [s.NumVar(0, inf, "") for _ in range(G)]
-        ri = [s.NumVar(0, inf, "") for _ in range(G)]
-        ro = [s.NumVar(0, inf, "") for _ in range(G)]
+            s.Add(sum(x[e][g] for e in range(E)) <= int(self.cluster.slots[g]))
+        self.x, self.o, self.y, self.l = x, o, y, l
+
+    def _ports(self) -> _Ports:
+        """All-to-all: per device send = its demand - local, receive = served - local, each split
+        intra/inter; across nodes, per-node and per-expert conservation."""
+        s, G, E, c, l, y = self.solver, self.G, self.E, self.c, self.l, self.y
+        inf = s.infinity()
+        p = _Ports(*([s.NumVar(0, inf, "") for _ in range(G)] for _ in range(4)))
         for g in range(G):
-            s.Add(si[g] + so[g] == float(c[:, g].sum()) - sum(l[e][g] for e in range(E)))
-            s.Add(ri[g] + ro[g] == sum(y[e][g] - l[e][g] for e in range(E)))
-        if K > 1:
-            for k in range(K):
-                devs = [int(g) for g in np.flatnonzero(node == k)]
-                out_t, in_t = [], []
-                for e in range(E):
-                    # blocks of e leaving node k come from its sources' unserved tokens, those
-                    # entering are served by its replicas; they differ by demand less service
-                    s_o = [s.NumVar(0, float(c[e, g]), "") for g in devs]
-                    r_o = [s.NumVar(0, float(min(L[e], cap[g])), "") for g in devs]
-                    for j, g in enumerate(devs):
-                        s.Add(s_o[j] <= float(c[e, g]) - l[e][g])
-                        s.Add(r_o[j] <= y[e][g] - l[e][g])
-                    s.Add(sum(s_o) - sum(r_o) == float(c[e, devs].sum()) - sum(y[e][g] for g in devs))
-                    out_t.append(s_o)
-                    in_t.append(r_o)
-                for j, g in enumerate(devs):
-                    s.Add(so[g] == sum(out_t[e][j] for e in range(E)))
-                    s.Add(ro[g] == sum(in_t[e][j] for e in range(E)))
-                s.Add(sum(si[g] for g in devs) == sum(ri[g] for g in devs))  # intra stays in the node
-        # replica sync with free owners: followers on g by the owner's link class, and followers
-        # of the experts g owns; per phase max(send, receive) per class
-        P_i, P_o = SYNC_PHASES * P * ci / tau, SYNC_PHASES * P * co / tau
+            s.Add(p.si[g] + p.so[g] == float(c[:, g].sum()) - sum(l[e][g] for e in range(E)))
+            s.Add(p.ri[g] + p.ro[g] == sum(y[e][g] - l[e][g] for e in range(E)))
+        if self.K > 1:
+            for k in range(self.K):
+                self._node_crossing(p, [int(g) for g in np.flatnonzero(self.node == k)])
+        return p
+
+    def _node_crossing(self, p: _Ports, devs: list[int]) -> None:
+        """Blocks of each expert leaving a node come from its sources' unserved tokens, those
+        entering are served by its replicas; they differ by demand less service."""
+        s, E, c, l, y = self.solver, self.E, self.c, self.l, self.y
+        L, cap = c.sum(axis=1), self._cap()
+        out_t, in_t = [], []
+        for e in range(E):
+            s_o = [s.NumVar(0, float(c[e, g]), "") for g in devs]
+            r_o = [s.NumVar(0, float(min(L[e], cap[g])), "") for g in devs]
+            for j, g in enumerate(devs):
+                s.Add(s_o[j] <= float(c[e, g]) - l[e][g])
+                s.Add(r_o[j] <= y[e][g] - l[e][g])
+            s.Add(sum(s_o) - sum(r_o) == float(c[e, devs].sum()) - sum(y[e][g] for g in devs))
+            out_t.append(s_o)
+            in_t.append(r_o)
+        for j, g in enumerate(devs):
+            s.Add(p.so[g] == sum(out_t[e][j] for e in range(E)))
+            s.Add(p.ro[g] == sum(in_t[e][j] for e in range(E)))
+        s.Add(sum(p.si[g] for g in devs) == sum(p.ri[g] for g in devs))  # intra stays in the node
+
+    def _sync_load(self) -> _SyncLoad:
+        """Replica sync with free owners: followers on g by the owner's link class, and followers
+        of the experts g owns."""
+        s, G, E, K, node, x, o = self.solver, self.G, self.E, self.K, self.node, self.x, self.o
+        inf = s.infinity()
         own_node = [[sum(o[e][int(h)] for h in np.flatnonzero(node == k)) for k in range(K)] for e in range(E)]
-        Fi, Fo, Oi, Oo = ([] for _ in range(4))
+        out = _SyncLoad([], [], [], [])
         for g in range(G):
             k = int(node[g])
             fo_terms, fi_terms, oi_terms, oo_terms = [], [], [], []
@@ -247,27 +316,30 @@ class Relaxation:
                     wi = s.NumVar(0, inf, "")
                     s.Add(wi >= sum(x[e][int(h)] for h in same) - len(same) * (1 - o[e][g]))
                     oi_terms.append(wi)
-            Fi.append(sum(fi_terms)), Fo.append(sum(fo_terms) if fo_terms else 0)
-            Oi.append(sum(oi_terms) if oi_terms else 0), Oo.append(sum(oo_terms) if oo_terms else 0)
+            out.fi.append(sum(fi_terms)), out.fo.append(sum(fo_terms) if fo_terms else 0)
+            out.oi.append(sum(oi_terms) if oi_terms else 0), out.oo.append(sum(oo_terms) if oo_terms else 0)
+        return out
+
+    def _device_times(self, T, p: _Ports, f: _SyncLoad) -> None:
+        """T >= each device's compute + all-to-all + sync + latency; per phase and link class the
+        larger of send and receive, at the device's cheapest link of the class."""
+        s, G, E, U, tau, cl = self.solver, self.G, self.E, self.U, self.tau, self.cluster
+        a, b, lat = cl.compute_a, cl.compute_b, latency(cl)
+        ci, co = _finite_class_costs(cl)
+        tb, P = cl.expert.token_bytes, cl.expert.param_bytes
+        P_i, P_o = SYNC_PHASES * P * ci / tau, SYNC_PHASES * P * co / tau
         ki, ko = A2A_PHASES * tb * U * ci / tau, A2A_PHASES * tb * U * co / tau
         for g in range(G):
-            A = s.NumVar(0, inf, "")
-            for p_i in (si[g], ri[g]):
-                for p_o in (so[g], ro[g]):
+            A = s.NumVar(0, s.infinity(), "")
+            for p_i in (p.si[g], p.ri[g]):
+                for p_o in (p.so[g], p.ro[g]):
                     s.Add(A >= float(ki[g]) * p_i + float(ko[g]) * p_o)
-            Y = s.NumVar(0, inf, "")
-            for f_i in (Fi[g], Oi[g]):
-                for f_o in (Fo[g], Oo[g]):
+            Y = s.NumVar(0, s.infinity(), "")
+            for f_i in (f.fi[g], f.oi[g]):
+                for f_o in (f.fo[g], f.oo[g]):
                     s.Add(Y >= float(P_i[g]) * f_i + float(P_o[g]) * f_o)
-            s.Add(T >= float(a[g] / tau) * sum(x[e][g] for e in range(E)) + float(b[g] * U / tau)
-                  * sum(y[e][g] for e in range(E)) + A + Y + float(lat[g] / tau))
-        obj = T
-        if current is not None:
-            obj = T + self._migration(current, node, interval) * (1.0 / interval)
-        # the cheap bounds as a floor: valid for every plan, and the LP alone is weaker
-        s.Add(T >= float(quick_bound(cluster, counts) / tau) * (1 - SAFETY))
-        s.Minimize(obj)
-        self.T = T
+            s.Add(T >= float(a[g] / tau) * sum(self.x[e][g] for e in range(E)) + float(b[g] * U / tau)
+                  * sum(self.y[e][g] for e in range(E)) + A + Y + float(lat[g] / tau))
 
     def _migration(self, current, node, interval):
         """The migration time of `estimator.migration_transfers`, exactly linear in x and o: a new
@@ -337,9 +409,7 @@ class Relaxation:
             ys = np.array([[max(v.solution_value(), 0.0) for v in row] for row in self.y])
             own = np.array([int(np.argmax([v.solution_value() for v in row])) for row in self.o])
             plan = (xs, ys, own)
-        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
-                 pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "unknown"}
-        return float(bound), plan, names.get(st, "error")
+        return float(bound), plan, _status_name(st)
 
     def _integer(self):
         return any(v.integer() for v in self.x[0])
@@ -370,47 +440,65 @@ class NodeRelaxation:
         the solver may take longer to prove it: running both and keeping the max is valid)."""
         from ortools.linear_solver import pywraplp
         counts = fold_sources(counts, cluster.num_devices)
-        self.cluster, self.counts, self.upper = cluster, counts, upper
-        G, E = cluster.num_devices, counts.shape[1]
-        node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
-        K = int(node.max()) + 1
-        self.E, self.K, self.node = E, K, node
-        N = max(float(counts.sum()), 1.0)
-        self.U = U = N / 1000.0
-        self.tau = tau = max(compute_bound(cluster, counts), 1e-12) / 1000.0
-        s = pywraplp.Solver.CreateSolver(backend)
-        self.solver = s
-        inf = s.infinity()
-        a, b, lat = cluster.compute_a, cluster.compute_b, latency(cluster)
-        ci, co = _class_costs(cluster)
-        tb, P, OB = cluster.expert.token_bytes, cluster.expert.param_bytes, cluster.expert.optimizer_bytes
-        c = counts.T / U
-        L = c.sum(axis=1)
-        devs = [np.flatnonzero(node == k) for k in range(K)]
-        m = np.array([len(d) for d in devs])
-        slots = np.array([int(cluster.slots[d].sum()) for d in devs])
-        per_dev = np.array([int(min(len(d), cluster.slots[d].sum())) for d in devs])  # replicas of one expert
-        D = np.stack([c[:, d].sum(axis=1) for d in devs], axis=1)  # [E, K]
-        Ktop = np.array([sum(np.sort(c[:, g])[::-1][:int(cluster.slots[g])].sum() for g in d) for d in devs])
-        cap = np.full(K, np.inf)
-        if upper is not None:
-            cap = np.array([np.maximum((upper - lat[d] - a[d]) / b[d], 0.0).max() for d in devs]) / U
+        self.cluster, self.counts, self.upper, self.local_cuts = cluster, counts, upper, local_cuts
+        self.E = counts.shape[1]
+        self.node, self.K = _node_index(cluster)
+        self.U, self.tau = _scale(cluster, counts)
+        self.solver = s = pywraplp.Solver.CreateSolver(backend)
+        self._node_data()
+        self._variables()
+        T = s.NumVar(0, s.infinity(), "T")
+        self._expert_rows(T)
+        self.parts = []  # per node (replicas, blocks served, all-to-all, sync): for `terms`
+        mig = None
+        if current is not None:
+            mig = s.NumVar(0, s.infinity(), "mig")
+        for k in range(self.K):
+            self._node_time(k, T)
+            if mig is not None:
+                self._node_migration(k, mig, current)
+        s.Add(T >= float(quick_bound(cluster, counts) / self.tau) * (1 - SAFETY))
+        s.Minimize(T + (mig * (1.0 / interval) if mig is not None else 0))
+        self.T, self.mig, self.interval = T, mig, interval
+
+    def _node_data(self) -> None:
+        """Per node, in the relaxation's units: devices, demand, slots, link costs, caps."""
+        cl, U, tau, K = self.cluster, self.U, self.tau, self.K
+        a, b, lat = cl.compute_a, cl.compute_b, latency(cl)
+        self.c = c = self.counts.T / U
+        self.L = c.sum(axis=1)
+        self.devs = devs = [np.flatnonzero(self.node == k) for k in range(K)]
+        self.m = np.array([len(d) for d in devs])
+        self.slots = np.array([int(cl.slots[d].sum()) for d in devs])
+        self.per_dev = np.array([int(min(len(d), cl.slots[d].sum())) for d in devs])  # replicas of one expert
+        self.D = np.stack([c[:, d].sum(axis=1) for d in devs], axis=1)  # [E, K]
+        self.Ktop = np.array([sum(np.sort(c[:, g])[::-1][:int(cl.slots[g])].sum() for g in d) for d in devs])
+        self.cap = np.full(K, np.inf)
+        if self.upper is not None:
+            self.cap = np.array([np.maximum((self.upper - lat[d] - a[d]) / b[d], 0.0).max() for d in devs]) / U
+        ci, co = _class_costs(cl)
         fin = lambda v: np.where(np.isfinite(v), v, 0.0)
-        ci_k = np.array([fin(ci[d]).min() if K > 0 else 0 for d in devs])
-        co_k = np.array([fin(co[d]).min() for d in devs])
-        u = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
+        self.ci_k = np.array([fin(ci[d]).min() for d in devs])
+        self.co_k = np.array([fin(co[d]).min() for d in devs])
+        self.floor_c = np.array([float((lat[d] + a[d]).min()) for d in devs]) / tau  # a replica's fixed time
+        self.bu = np.array([float(b[d].min()) for d in devs]) * U / tau  # time units per block
+
+    def _variables(self) -> None:
+        s, E, K = self.solver, self.E, self.K
+        self.u = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
         # z[e][k][j-1]: expert e has exactly j replicas on node k; n = sum j z, u = sum z
-        z = [[[s.BoolVar("") for _ in range(int(per_dev[k]))] for k in range(K)] for _ in range(E)]
-        n = [[sum((j + 1) * v for j, v in enumerate(z[e][k])) for k in range(K)] for e in range(E)]
-        own = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
-        Y = [[s.NumVar(0, float(L[e]), "") for k in range(K)] for e in range(E)]
-        out = [[s.NumVar(0, float(D[e, k]), "") for k in range(K)] for e in range(E)]
-        inn = [[s.NumVar(0, float(L[e]), "") for k in range(K)] for e in range(E)]
-        self.u, self.z, self.own, self.Y = u, z, own, Y
-        T = s.NumVar(0, inf, "T")
-        floor_c = np.array([float((lat[d] + a[d]).min()) for d in devs]) / tau  # a replica's fixed time
-        bu = np.array([float(b[d].min()) for d in devs]) * U / tau  # time units per block
-        for e in range(E):
+        self.z = z = [[[s.BoolVar("") for _ in range(int(self.per_dev[k]))] for k in range(K)] for _ in range(E)]
+        self.n = [[sum((j + 1) * v for j, v in enumerate(z[e][k])) for k in range(K)] for e in range(E)]
+        self.own = [[s.BoolVar("") for _ in range(K)] for _ in range(E)]
+        self.Y = [[s.NumVar(0, float(self.L[e]), "") for _ in range(K)] for e in range(E)]
+        self.out = [[s.NumVar(0, float(self.D[e, k]), "") for k in range(K)] for e in range(E)]
+        self.inn = [[s.NumVar(0, float(self.L[e]), "") for _ in range(K)] for e in range(E)]
+
+    def _expert_rows(self, T) -> None:
+        """Per expert: service adds up, one owner, and what its replicas can serve within T."""
+        s, K, L, bu, floor_c, per_dev = self.solver, self.K, self.L, self.bu, self.floor_c, self.per_dev
+        z, n, u, own, Y = self.z, self.n, self.u, self.own, self.Y
+        for e in range(self.E):
             s.Add(sum(Y[e]) == float(L[e]))
             s.Add(sum(own[e]) == 1)
             # the device holding e's largest replica computes at least L_e / (replicas): convex
@@ -426,79 +514,96 @@ class NodeRelaxation:
                 for j, v in enumerate(z[e][k], start=1):
                     s.Add(float(bu[k]) * Y[e][k] <= j * T - j * float(floor_c[k]) + big * (1 - v))
                 s.Add(own[e][k] <= u[e][k])
-                s.Add(Y[e][k] <= float(min(L[e], cap[k] * per_dev[k])) * u[e][k])
-                if np.isfinite(cap[k]):
-                    s.Add(Y[e][k] <= float(cap[k]) * n[e][k])
-                s.Add(out[e][k] - inn[e][k] == float(D[e, k]) - Y[e][k])
-        mig = None
-        if current is not None:
-            mig = s.NumVar(0, inf, "mig")
-            x0, own0 = current.replicas(), current.owner
-        for k in range(K):
-            d = devs[k]
-            s.Add(sum(n[e][k] for e in range(E)) <= int(slots[k]))
-            nk = sum(n[e][k] for e in range(E))
-            Yk = sum(Y[e][k] for e in range(E))
-            outk = sum(out[e][k] for e in range(E))
-            ink = sum(inn[e][k] for e in range(E))
-            # tokens kept on their own device: at most what the devices' slots hold of their own
-            # sources' tokens, and at most what the node serves of its own demand
-            loc = s.NumVar(0, float(Ktop[k]), "")
-            s.Add(loc <= Yk - ink)
-            s.Add(loc <= float(D[:, k].sum()) - outk)
-            # per expert: with j replicas on the node, at most the j largest of its sources' counts
-            # there stay on their own device, and no more than the node serves of its own demand
-            top = -np.sort(-c[:, d], axis=1)  # [E, m_k]
-            loc_e = []
-            for e in range(E if local_cuts else 0):
-                le = s.NumVar(0, float(D[e, k]), "")
-                s.Add(le <= sum(float(top[e, :j].sum()) * v for j, v in enumerate(z[e][k], start=1)))
-                s.Add(le <= Y[e][k] - inn[e][k])
-                s.Add(le <= float(D[e, k]) - out[e][k])
-                loc_e.append(le)
-            if loc_e:
-                s.Add(loc <= sum(loc_e))
-            intra = float(D[:, k].sum()) - loc - outk  # sent inside the node (= received inside)
-            ki, ko = A2A_PHASES * tb * U * ci_k[k] / tau, A2A_PHASES * tb * U * co_k[k] / tau
-            A = s.NumVar(0, inf, "")
-            s.Add(A >= float(ki) * intra + float(ko) * outk)
-            s.Add(A >= float(ki) * intra + float(ko) * ink)
-            # sync: followers in k of experts owned elsewhere (inter), intra followers, and the
-            # followers elsewhere of the experts k owns
-            M = int(sum(per_dev)) + 1
-            fo, fi, oo = [], [], []
-            for e in range(E):
-                v = s.NumVar(0, inf, "")
-                s.Add(v >= n[e][k] - M * own[e][k])
-                fo.append(v)
-                w = s.NumVar(0, inf, "")
-                s.Add(w >= n[e][k] - 1 - M * (1 - own[e][k]))
-                fi.append(w)
-                w2 = s.NumVar(0, inf, "")
-                s.Add(w2 >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
-                oo.append(w2)
-            S = s.NumVar(0, inf, "")
-            pi, po = SYNC_PHASES * P * ci_k[k] / tau, SYNC_PHASES * P * co_k[k] / tau
-            s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
-            s.Add(S >= float(pi) * sum(fi) + float(po) * sum(oo))
-            s.Add(float(m[k]) * T >= float(lat[d].sum() / tau) + float(a[d].min() / tau) * nk
-                  + float(b[d].min() * U / tau) * Yk + A + S)
-            if mig is not None:
-                # each device's migration receive time is at most mig: new replicas in the node
-                # (from the node if it held the expert, else from across) and owners moved in
-                terms = []
-                for e in range(E):
-                    had = int(x0[e, d].sum())
-                    new = s.NumVar(0, inf, "")
-                    s.Add(new >= n[e][k] - had)
-                    cost = ci_k[k] if had else co_k[k]
-                    terms.append(float(P * cost / tau) * new)
-                    if node[own0[e]] != k:
-                        terms.append(float(OB * co_k[k] / tau) * own[e][k])
-                s.Add(float(m[k]) * mig >= sum(terms))
-        s.Add(T >= float(quick_bound(cluster, counts) / tau) * (1 - SAFETY))
-        s.Minimize(T + (mig * (1.0 / interval) if mig is not None else 0))
-        self.T = T
+                s.Add(Y[e][k] <= float(min(L[e], self.cap[k] * per_dev[k])) * u[e][k])
+                if np.isfinite(self.cap[k]):
+                    s.Add(Y[e][k] <= float(self.cap[k]) * n[e][k])
+                s.Add(self.out[e][k] - self.inn[e][k] == float(self.D[e, k]) - Y[e][k])
+
+    def _kept_local(self, k: int):
+        """Blocks kept on their own device in node k: at most what the devices' slots hold of
+        their own sources' tokens, and at most what the node serves of its own demand; per
+        expert, with j replicas on the node, at most the j largest of its sources' counts there."""
+        s, E, Y, out, inn = self.solver, self.E, self.Y, self.out, self.inn
+        loc = s.NumVar(0, float(self.Ktop[k]), "")
+        s.Add(loc <= sum(Y[e][k] - inn[e][k] for e in range(E)))
+        s.Add(loc <= float(self.D[:, k].sum()) - sum(out[e][k] for e in range(E)))
+        top = -np.sort(-self.c[:, self.devs[k]], axis=1)  # [E, m_k]
+        loc_e = []
+        for e in range(E if self.local_cuts else 0):
+            le = s.NumVar(0, float(self.D[e, k]), "")
+            s.Add(le <= sum(float(top[e, :j].sum()) * v for j, v in enumerate(self.z[e][k], start=1)))
+            s.Add(le <= Y[e][k] - inn[e][k])
+            s.Add(le <= float(self.D[e, k]) - out[e][k])
+            loc_e.append(le)
+        if loc_e:
+            s.Add(loc <= sum(loc_e))
+        return loc
+
+    def _node_a2a(self, k: int):
+        """Node k's all-to-all time: intra sends at NVLink cost, the larger of outflow and inflow
+        at the inter-node cost."""
+        s, E, cl, U, tau = self.solver, self.E, self.cluster, self.U, self.tau
+        outk = sum(self.out[e][k] for e in range(E))
+        ink = sum(self.inn[e][k] for e in range(E))
+        intra = float(self.D[:, k].sum()) - self._kept_local(k) - outk  # sent inside the node (= received inside)
+        tb = cl.expert.token_bytes
+        ki, ko = A2A_PHASES * tb * U * self.ci_k[k] / tau, A2A_PHASES * tb * U * self.co_k[k] / tau
+        A = s.NumVar(0, s.infinity(), "")
+        s.Add(A >= float(ki) * intra + float(ko) * outk)
+        s.Add(A >= float(ki) * intra + float(ko) * ink)
+        return A
+
+    def _node_sync(self, k: int):
+        """Node k's sync time: followers in k of experts owned elsewhere (inter), intra followers,
+        and the followers elsewhere of the experts k owns."""
+        s, E, K, n, own, inf = self.solver, self.E, self.K, self.n, self.own, self.solver.infinity()
+        M = int(sum(self.per_dev)) + 1
+        fo, fi, oo = [], [], []
+        for e in range(E):
+            v = s.NumVar(0, inf, "")
+            s.Add(v >= n[e][k] - M * own[e][k])
+            fo.append(v)
+            w = s.NumVar(0, inf, "")
+            s.Add(w >= n[e][k] - 1 - M * (1 - own[e][k]))
+            fi.append(w)
+            w2 = s.NumVar(0, inf, "")
+            s.Add(w2 >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
+            oo.append(w2)
+        S = s.NumVar(0, inf, "")
+        P = self.cluster.expert.param_bytes
+        pi, po = SYNC_PHASES * P * self.ci_k[k] / self.tau, SYNC_PHASES * P * self.co_k[k] / self.tau
+        s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
+        s.Add(S >= float(pi) * sum(fi) + float(po) * sum(oo))
+        return S
+
+    def _node_time(self, k: int, T) -> None:
+        """Node k's devices' time summed covers its latency, compute, all-to-all and sync."""
+        s, E, cl, d, tau = self.solver, self.E, self.cluster, self.devs[k], self.tau
+        lat = latency(cl)
+        s.Add(sum(self.n[e][k] for e in range(E)) <= int(self.slots[k]))
+        nk = sum(self.n[e][k] for e in range(E))
+        Yk = sum(self.Y[e][k] for e in range(E))
+        A, S = self._node_a2a(k), self._node_sync(k)
+        self.parts.append((nk, Yk, A, S))
+        s.Add(float(self.m[k]) * T >= float(lat[d].sum() / tau) + float(cl.compute_a[d].min() / tau) * nk
+              + float(cl.compute_b[d].min() * self.U / tau) * Yk + A + S)
+
+    def _node_migration(self, k: int, mig, current) -> None:
+        """Each device's migration receive time is at most mig: new replicas in the node (from the
+        node if it held the expert, else from across) and owners moved in."""
+        s, d, cl, tau = self.solver, self.devs[k], self.cluster, self.tau
+        P, OB = cl.expert.param_bytes, cl.expert.optimizer_bytes
+        x0, own0 = current.replicas(), current.owner
+        terms = []
+        for e in range(self.E):
+            had = int(x0[e, d].sum())
+            new = s.NumVar(0, s.infinity(), "")
+            s.Add(new >= self.n[e][k] - had)
+            cost = self.ci_k[k] if had else self.co_k[k]
+            terms.append(float(P * cost / tau) * new)
+            if self.node[own0[e]] != k:
+                terms.append(float(OB * self.co_k[k] / tau) * self.own[e][k])
+        s.Add(float(self.m[k]) * mig >= sum(terms))
 
     def solve(self, seconds: float, threads: int = 1):
         """(bound seconds, node solution (u, n, own, Y tokens) or None, status)."""
@@ -518,6 +623,35 @@ class NodeRelaxation:
             nv = np.array([[sum((j + 1) * v.solution_value() for j, v in enumerate(zk)) for zk in ze] for ze in self.z])
             sol = (val(self.u) > 0.5, np.rint(nv).astype(int), val(self.own).argmax(axis=1),
                    np.maximum(val(self.Y), 0.0) * self.U)
-        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
-                 pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "unknown"}
-        return float(bound), sol, names.get(st, "error")
+        return float(bound), sol, _status_name(st)
+
+    def fix_to(self, x, share, owner) -> None:
+        """Fix the node decisions (replicas per node, owner node, tokens served per node) to a
+        device plan's: a `solve` then bounds that plan's objective and `terms` say what the node
+        model charges for its structure (the rest of the plan's cost is what the model misses)."""
+        x, share, L = np.asarray(x, bool), np.asarray(share, float), self.counts.sum(axis=0)
+        for e in range(self.E):
+            for k, d in enumerate(self.devs):
+                n = int(x[e, d].sum())
+                for j, v in enumerate(self.z[e][k], start=1):
+                    v.SetBounds(float(j == n), float(j == n))
+                self.u[e][k].SetBounds(float(n > 0), float(n > 0))
+                mine = float(self.node[int(owner[e])] == k)
+                self.own[e][k].SetBounds(mine, mine)
+                y = float(L[e] * share[e, d].sum() / self.U)
+                self.Y[e][k].SetBounds(y * (1 - 1e-7), y * (1 + 1e-7))
+
+    def terms(self) -> dict:
+        """After a `solve` with a solution: the incumbent's time split as the node model charges
+        it, seconds per device averaged over the cluster (`compute`, `a2a` without latency,
+        `sync`, `latency`; `step`: its T; `migration`: amortised, as in the objective). Beside a plan's `experiments.offline.term_means` it says
+        which term the relaxation sees cheaper than the plan pays."""
+        cl, tau, G = self.cluster, self.tau, self.cluster.num_devices
+        a, b = cl.compute_a, cl.compute_b
+        val = lambda v: float(v.solution_value()) if hasattr(v, "solution_value") else float(v)
+        comp = sum(float(a[d].min()) * val(n) + float(b[d].min()) * val(Y) * self.U
+                   for d, (n, Y, _, _) in zip(self.devs, self.parts))
+        return {"compute": comp / G, "a2a": sum(val(A) for _, _, A, _ in self.parts) * tau / G,
+                "sync": sum(val(S) for _, _, _, S in self.parts) * tau / G,
+                "latency": float(latency(cl).mean()), "step": val(self.T) * tau,
+                "migration": (val(self.mig) * tau / self.interval) if self.mig is not None else 0.0}

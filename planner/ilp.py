@@ -26,6 +26,8 @@ hint's split of experts over nodes is kept and each node's devices are solved on
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from ortools.sat.python import cp_model
@@ -119,12 +121,31 @@ def _round_blocks(share, Lb):
     return y
 
 
-def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed, reproducible=False):
-    """Build, hint and solve the model; (status name, x, share, owner, objective, bound, info)."""
-    t_build = time.perf_counter()
-    m = cp_model.CpModel()
+class SolveResult(NamedTuple):
+    """One (sub)problem's outcome: placement arrays are None when the solver found nothing."""
+
+    status: str
+    x: np.ndarray | None
+    share: np.ndarray | None
+    owner: np.ndarray | None
+    objective_s: float | None  # the model's objective, seconds
+    bound_s: float | None  # the model's proven bound, seconds
+    info: dict
+
+
+@dataclass
+class _Model:
+    """The CP-SAT model and the variables a hint fixes and a solution is read from."""
+
+    m: cp_model.CpModel
+    x: list
+    y: list
+    l: dict
+
+
+def _assignment(m, inst: _Inst, own):
+    """Replicas `x`, blocks served `y` and kept local `l`, with slots and owners' replicas."""
     E, G = inst.E, inst.G
-    own = np.asarray(hint_owner)
     x = [[m.NewBoolVar("") for _ in range(G)] for _ in range(E)]
     y = [[m.NewIntVar(0, int(inst.Lb[e]), "") for _ in range(G)] for e in range(E)]
     l = {}
@@ -139,17 +160,33 @@ def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed, r
                 m.Add(l[e, g] <= int(inst.cb[g, e]) * x[e][g])  # redundant, but tightens the LP bound
     for g in range(G):
         m.Add(sum(x[e][g] for e in range(E)) <= int(inst.slots[g]))
-    # replica sync with fixed owners is linear: a follower on g and its owner h each pay P/beta(g, h)
-    sync = [[] for _ in range(G)]
-    for e in range(E):
+    return x, y, l
+
+
+def _sync_terms(inst: _Inst, x, own):
+    """Replica sync with fixed owners is linear: a follower on g and its owner h each pay
+    P/beta(g, h). Per device, the list of its terms."""
+    sync = [[] for _ in range(inst.G)]
+    for e in range(inst.E):
         h = int(own[e])
-        for g in range(G):
+        for g in range(inst.G):
             if g != h and inst.sync[g, h] > 0:
                 sync[g].append(int(inst.sync[g, h]) * x[e][g])
                 sync[h].append(int(inst.sync[g, h]) * x[e][g])
+    return sync
+
+
+def _time_cap(inst: _Inst) -> int:
+    """An upper bound on any device's time in units: the domain of T and the ports."""
     per_block = int(max(inst.recv_i.max(), inst.recv_o.max(), inst.send_i.max(initial=0), inst.send_o.max(initial=0)))
-    hi = (int(inst.lat.max()) + int(inst.a_u.max()) * E + (int(inst.b_u.max()) + 8 * per_block) * int(inst.Lb.sum())
-          + 2 * int(inst.sync.max(initial=0)) * E * G + 1)
+    return (int(inst.lat.max()) + int(inst.a_u.max()) * inst.E + (int(inst.b_u.max()) + 8 * per_block)
+            * int(inst.Lb.sum()) + 2 * int(inst.sync.max(initial=0)) * inst.E * inst.G + 1)
+
+
+def _step_time(m, inst: _Inst, x, y, l, sync):
+    """T >= every device's compute + all-to-all + sync + latency."""
+    E, G = inst.E, inst.G
+    hi = _time_cap(inst)
     T = m.NewIntVar(0, hi, "T")
     Ai = [m.NewIntVar(0, hi, "") for _ in range(G)]
     Ao = [m.NewIntVar(0, hi, "") for _ in range(G)]
@@ -174,16 +211,41 @@ def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed, r
             m.Add(Ao[g] >= sum(int(inst.send_o[g, e]) * v for e, v in sent))
         m.Add(T >= int(inst.a_u[g]) * sum(x[e][g] for e in range(E)) + int(inst.b_u[g]) * sum(y[e][g] for e in range(E))
               + 4 * (Ai[g] + Ao[g]) + sum(sync[g]) + int(inst.lat[g]))
-    moved = np.zeros(G, dtype=np.int64)  # optimizer state moving to the hint's owners: a constant
+    return T
+
+
+def _migration(m, inst: _Inst, x, own):
+    """The busiest receiver's new weights, plus the optimizer state moving to the (fixed) owners."""
+    E, G = inst.E, inst.G
+    moved = np.zeros(G, dtype=np.int64)  # a constant: owners are fixed
     np.add.at(moved, own, inst.mig_own[np.arange(E), own])
     mig = m.NewIntVar(0, int(inst.mig_new.sum() + moved.sum()) + 1, "mig")
     for g in range(G):
         m.Add(mig >= sum(int(inst.mig_new[e, g]) * x[e][g] for e in range(E)) + int(moved[g]))
-    m.Minimize(inst.interval * T + mig)
-    # a complete hint: fix the plan's main variables in a copy, let the solver fill in the rest
+    return mig
+
+
+def _build(inst: _Inst, own) -> _Model:
+    m = cp_model.CpModel()
+    x, y, l = _assignment(m, inst, own)
+    T = _step_time(m, inst, x, y, l, _sync_terms(inst, x, own))
+    m.Minimize(inst.interval * T + _migration(m, inst, x, own))
+    return _Model(m, x, y, l)
+
+
+class _Hint(NamedTuple):
+    completed: bool
+    model_s: float | None  # the hint's objective in the model, seconds
+    wall_s: float
+
+
+def _add_hint(model: _Model, inst: _Inst, hint_x, hint_share, budget, seed, reproducible) -> _Hint:
+    """A complete hint: fix the plan's main variables in a copy, let the solver fill in the rest
+    (ports, flows, T) within a fifth of the budget; a partial hint if that fails."""
+    x, y, l, m = model.x, model.y, model.l, model.m
     hy = _round_blocks(hint_share, inst.Lb)
-    main = [(x[e][g], int(hint_x[e, g])) for e in range(E) for g in range(G)]
-    main += [(y[e][g], int(hy[e, g])) for e in range(E) for g in range(G)]
+    main = [(x[e][g], int(hint_x[e, g])) for e in range(inst.E) for g in range(inst.G)]
+    main += [(y[e][g], int(hy[e, g])) for e in range(inst.E) for g in range(inst.G)]
     main += [(v, int(min(inst.cb[g, e], hy[e, g]))) for (e, g), v in l.items()]
     fixed = m.clone()
     for v, val in main:
@@ -192,35 +254,41 @@ def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed, r
     fill.parameters.num_workers = 1
     fill.parameters.random_seed = int(seed)
     _limit(fill.parameters, 0.2 * float(budget), reproducible)
-    hint_status = fill.Solve(fixed)
-    t_fill = fill.WallTime()
-    if hint_status in OK:
+    ok = fill.Solve(fixed) in OK
+    if ok:
         for i in range(len(m.Proto().variables)):
             m.AddHint(m.GetIntVarFromProtoIndex(i), fill.Value(m.GetIntVarFromProtoIndex(i)))
-        hint_model = fill.ObjectiveValue() * inst.tau / inst.interval
-    else:
-        for v, val in main:
-            m.AddHint(v, val)
-        hint_model = None
+        return _Hint(True, fill.ObjectiveValue() * inst.tau / inst.interval, fill.WallTime())
+    for v, val in main:
+        m.AddHint(v, val)
+    return _Hint(False, None, fill.WallTime())
+
+
+def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed, reproducible=False) -> SolveResult:
+    """Build, hint and solve the model."""
+    t_build = time.perf_counter()
+    own = np.asarray(hint_owner)
+    model = _build(inst, own)
+    hint = _add_hint(model, inst, hint_x, hint_share, budget, seed, reproducible)
     if not reproducible:  # the wall-clock budget covers building and hinting the model
-        budget = max(float(budget) - t_fill - (time.perf_counter() - t_build), 1e-3)
+        budget = max(float(budget) - hint.wall_s - (time.perf_counter() - t_build), 1e-3)
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.num_workers = max(1, int(workers))
     p.random_seed = int(seed)
     _limit(p, float(budget), reproducible)
-    status = solver.Solve(m)
+    status = solver.Solve(model.m)
     name = solver.StatusName(status)
     spent = time.perf_counter() - t_build
     if status not in OK:
-        return name, None, None, None, None, None, {"wall_s": spent, "hint_completed": hint_status in OK}
-    xs = np.array([[solver.Value(x[e][g]) for g in range(G)] for e in range(E)], dtype=bool)
-    ys = np.array([[solver.Value(y[e][g]) for g in range(G)] for e in range(E)], dtype=np.float64)
+        return SolveResult(name, None, None, None, None, None, {"wall_s": spent, "hint_completed": hint.completed})
+    xs = np.array([[solver.Value(v) for v in row] for row in model.x], dtype=bool)
+    ys = np.array([[solver.Value(v) for v in row] for row in model.y], dtype=np.float64)
     share = clean_shares(xs, ys / np.maximum(inst.Lb[:, None], 1))
     scale = inst.tau / inst.interval
-    return (name, xs, share, own, solver.ObjectiveValue() * scale, solver.BestObjectiveBound() * scale,
-            {"wall_s": spent, "hint_model_s": hint_model,
-             "model_gap": _gap(solver.ObjectiveValue(), solver.BestObjectiveBound())})
+    return SolveResult(name, xs, share, own, solver.ObjectiveValue() * scale, solver.BestObjectiveBound() * scale,
+                       {"wall_s": spent, "hint_model_s": hint.model_s,
+                        "model_gap": _gap(solver.ObjectiveValue(), solver.BestObjectiveBound())})
 
 
 def _node_flows(m, inst: _Inst, x, y, l):
@@ -318,12 +386,13 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
             "workers": workers, "seed": seed, "reproducible": reproducible}
     if E * G <= MAX_CELLS or cluster.num_nodes == 1:
         inst = _Inst(cluster, np.arange(G), load, counts, hs, cur_x, cur_owner, interval)
-        status, x, share, owner, obj, bound, extra = _solve(inst, hx, hs, ho, left, workers, seed, reproducible)
-        info.update(status=status.lower(), decomposed=False, **extra)
+        r = _solve(inst, hx, hs, ho, left, workers, seed, reproducible)
+        status, x, share, owner = r.status, r.x, r.share, r.owner
+        info.update(status=status.lower(), decomposed=False, **r.info)
         if x is not None:
             # on free links (compute alone) the model is the estimator, up to block rounding; with
             # links, owners and routing it is not, and its bound is reported apart (planner.score)
-            info.update(model_objective_s=obj, bound_s=bound, bound_valid=_free_links(cluster))
+            info.update(model_objective_s=r.objective_s, bound_s=r.bound_s, bound_valid=_free_links(cluster))
     else:
         status, x, share, owner, extra = _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval,
                                                   left, workers, seed, reproducible)
@@ -380,10 +449,10 @@ def _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval, budg
             sub_co = np.array([pos.get(int(cur_owner[e]), -1) for e in experts])
         sub_ho = np.array([int(np.argmax(sub_hs[i])) for i in range(len(experts))])
         inst = _Inst(cluster, devs, sub_load, sub_src, sub_hs, sub_cx, sub_co, interval, inter_ok=False)
-        st, sx, ss, so, _, _, extra = _solve(inst, hx[np.ix_(experts, devs)], sub_hs, sub_ho,
-                                             budget / (len(nodes) if reproducible else len(nodes) - k),
-                                             workers, seed, reproducible)
-        statuses.append(st.lower())
+        r = _solve(inst, hx[np.ix_(experts, devs)], sub_hs, sub_ho,
+                   budget / (len(nodes) if reproducible else len(nodes) - k), workers, seed, reproducible)
+        sx, ss, extra = r.x, r.share, r.info
+        statuses.append(r.status.lower())
         wall += extra["wall_s"]
         if not reproducible:
             budget -= extra["wall_s"]

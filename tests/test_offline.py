@@ -8,6 +8,7 @@ import csv
 import numpy as np
 import pytest
 
+from cost_models.estimator import estimate
 from cost_models.presets import local_cpu
 from experiments import offline
 from experiments.traces import synth
@@ -74,3 +75,25 @@ def test_figure_is_one_box_per_policy_whatever_the_layers():
     assert s["replans"] == 244 and s["greedy"]["median"] > s["offline"]["median"]
     assert offline.figure(recs)[:8] == b"\x89PNG\r\n\x1a\n"
     assert offline.summary([{"objective": 1.0}]) is None and offline.markdown(None, 1) == ""
+
+
+def test_diagnosis_splits_plan_and_relaxation_by_the_same_terms():
+    """The relaxation's incumbent is split as its node rows charge it (their sum within its T, all
+    tokens computed), the plan's as the estimator does (its terms add up to the mean device time)."""
+    cluster = slow_cluster()
+    counts = spread([300, 40, 20], cluster.num_devices, seed=0)
+    cur = static_layer(3, cluster.slots)
+    d = offline.diagnose(cluster, counts, cur, 5, budget=2.0)
+    plan, rel = d["plan"], d["relaxation"]
+    est = estimate(cluster, counts, *d["best_plan"])
+    assert sum(plan[k] for k in ("compute", "a2a", "sync", "latency")) == pytest.approx(est.total.mean())
+    assert plan["step"] + plan["migration"] == pytest.approx(d["best_s"]) and plan["a2a"] > 0
+    parts = sum(rel[k] for k in ("compute", "a2a", "sync", "latency"))
+    assert parts <= rel["step"] * (1 + 1e-6)
+    assert rel["compute"] >= cluster.compute_b.min() * counts.sum() / cluster.num_devices * (1 - 1e-6)
+    assert rel["a2a"] > 0 and rel["migration"] > 0
+    assert rel["step"] + rel["migration"] >= d["bound_s"] * (1 - 1e-6)
+    # fixed to the plan's node structure, the node model bounds that plan and sees its tokens
+    same = d["plan_structure"]
+    assert d["bound_s"] * (1 - 1e-6) <= d["plan_structure_s"] <= d["best_s"] * (1 + 1e-9)
+    assert same["compute"] == pytest.approx(plan["compute"], rel=1e-3) and same["a2a"] > 0

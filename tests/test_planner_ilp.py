@@ -65,7 +65,8 @@ def test_single_worker_fixed_seed_is_reproducible():
 def test_solver_failure_returns_the_greedy_plan_and_says_so(monkeypatch):
     c = make_cluster(nodes=1, per_node=3, slots=2, a=1e-5, fast=False)
     counts = spread([500, 300, 200, 100], 3)
-    monkeypatch.setattr(ilp_mod, "_solve", lambda *a, **k: ("UNKNOWN", None, None, None, None, None, {"wall_s": 0}))
+    monkeypatch.setattr(ilp_mod, "_solve", lambda *a, **k: ilp_mod.SolveResult("UNKNOWN", None, None, None, None, None,
+                                                                                  {"wall_s": 0}))
     lp = plan_layer(c, counts, solver="ilp", time_budget=0.1)
     greedy = plan_layer(c, counts, solver="greedy")
     assert lp.info["fallback"] is True and lp.info["returned"] == "greedy"
