@@ -23,7 +23,7 @@ import numpy as np
 from cost_models.estimator import estimate
 from planner import bounds
 from planner.construct import from_nodes, spread_owners
-from planner.score import check_inputs, finish, migration_s, objective, pick_owner
+from planner.score import check_loads, finish, migration_s, objective, pick_owner
 
 POLICIES = ("greedy", "eplb", "ilp")  # distances reported per re-plan
 FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from", "offline_relaxation",
@@ -40,7 +40,7 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     from planner.greedy import greedy
     from planner.ilp import ilp
     t0 = time.perf_counter()
-    counts = check_inputs(cluster, counts, current, "ilp", interval)
+    counts = check_loads(cluster, counts, current, interval)
     load = counts.sum(axis=0)
     plans = dict(known or {})
     gx, gs, go, _ = greedy(cluster, counts, current, interval=interval)

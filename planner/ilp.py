@@ -33,7 +33,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import SYNC_PHASES, estimate
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES, estimate
 from cost_models.files import InputError
 from planner.baselines import eplb
 from planner.construct import hierarchical, mcnaughton, spread_owners
@@ -96,7 +96,7 @@ class _Inst:
         part = self.cb / np.maximum(self.Db[self.node_ix], 1)
         self.send_out = q(tb * self.U * co * part)  # [G, E] per block leaving the node
         self.sync = q(SYNC_PHASES * P * invb)  # [G, G]: a follower on row, its owner on column
-        self.lat = q(4 * cluster.alpha[np.ix_(d, d)].sum(axis=1))
+        self.lat = q(A2A_PHASES * cluster.alpha[np.ix_(d, d)].sum(axis=1))
         self.mig_new = np.zeros((self.E, self.G), dtype=np.int64)
         self.mig_own = np.zeros((self.E, self.G), dtype=np.int64)
         if cur_x is not None:
@@ -210,7 +210,7 @@ def _step_time(m, inst: _Inst, x, y, l, sync):
             m.Add(Ai[g] >= sum(int(inst.send_i[g, e]) * v for e, v in sent))
             m.Add(Ao[g] >= sum(int(inst.send_o[g, e]) * v for e, v in sent))
         m.Add(T >= int(inst.a_u[g]) * sum(x[e][g] for e in range(E)) + int(inst.b_u[g]) * sum(y[e][g] for e in range(E))
-              + 4 * (Ai[g] + Ao[g]) + sum(sync[g]) + int(inst.lat[g]))
+              + A2A_PHASES * (Ai[g] + Ao[g]) + sum(sync[g]) + int(inst.lat[g]))
     return T
 
 

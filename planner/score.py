@@ -19,12 +19,6 @@ from planner.plan import LayerPlan
 EPS = 1e-12
 
 
-def check_inputs(cluster: Cluster, counts, current: LayerPlan | None, solver: str, interval: int) -> np.ndarray:
-    """The old signature, kept only until experiments/offline.py calls `check_loads` (its owner is
-    rewriting it): solver names are checked by `planner.solvers.check_solver`, not here."""
-    return check_loads(cluster, counts, current, interval)
-
-
 def check_loads(cluster: Cluster, counts, current: LayerPlan | None, interval: int) -> np.ndarray:
     """`counts[S, E]` folded to `[G, E]` once loads, interval and current plan fit the cluster."""
     counts = np.asarray(counts)

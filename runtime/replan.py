@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from cost_models.files import InputError
 from planner.plan import LayerPlan, Plan
+from planner.solvers import check_solver
 from runtime.defaults import PLANNER_FAILURE_LIMIT, REPLAN_THRESHOLD
 from runtime.monitor import balance
 from runtime.wire import decode, encode
@@ -119,6 +120,7 @@ class Replanner:
                  failure_limit: int = PLANNER_FAILURE_LIMIT):
         if policy not in POLICIES:
             raise InputError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+        check_solver(solver)
         self.policy, self.rank, self.world = policy, rank, world
         self.E, self.slots, self.L = num_experts, np.asarray(slots), layers
         self.cluster, self.solver, self.budget = cluster, solver, time_budget

@@ -23,6 +23,7 @@ from cost_models.cluster import Cluster, ExpertShape
 from cost_models.files import InputError, atomic_path, check_outputs, finite_number, whole_number
 from cost_models.presets import local_cpu
 from planner.plan import Plan, static_layer
+from planner.solvers import check_solver
 from planner.step_shares import DISPATCH_MODES
 from planner.trace import Trace
 from runtime import checkpoint as ckpt
@@ -90,6 +91,7 @@ class TrainConfig:
             raise InputError(f"unknown policy {self.policy!r} (known: {', '.join(POLICIES)})")
         if self.dispatch not in DISPATCH_MODES:
             raise InputError(f"unknown dispatch {self.dispatch!r} (known: {', '.join(DISPATCH_MODES)})")
+        check_solver(self.solver)
         if self.slots and self.slots * world < self.model.num_experts:
             raise InputError(f"{self.slots} slots x {world} ranks cannot hold {self.model.num_experts} experts")
         if self.metrics_out is not None:
