@@ -139,6 +139,16 @@ class Cluster:
         return np.array([d.node for d in self.devices], dtype=np.int64)
 
     @cached_property
+    def node_index(self) -> np.ndarray:
+        """[G] each device's node numbered 0..K-1 (a cluster file's node ids may be any integers)."""
+        return np.unique(self.node_of, return_inverse=True)[1].reshape(-1)
+
+    @cached_property
+    def node_onehot(self) -> np.ndarray:
+        """[G, K] 1.0 where device g sits on node k: per-node sums are one matrix product."""
+        return np.eye(self.num_nodes)[self.node_index]
+
+    @cached_property
     def compute_a(self) -> np.ndarray:
         return np.array([d.compute.a for d in self.devices])
 

@@ -122,17 +122,16 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     K = (srt[:, :smax] * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
     N = float(counts.sum())
     best = _balance(np.ones(G), lat, b, unit * c, C, K, N)
-    node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
-    nodes = int(node.max()) + 1
+    nodes = cluster.num_nodes
     if nodes > 1 and np.isfinite(co).all() and np.allclose(b, b[0]):
-        onehot = np.eye(nodes)[node]  # [G, K]
+        onehot = cluster.node_onehot  # [G, K]
         D = onehot.T @ counts  # [K, E] node demand
         slots = onehot.T @ cluster.slots
         Ds = -np.sort(-D, axis=1)
         KN = np.array([Ds[n, :int(slots[n])].sum() for n in range(nodes)])
         # a node's devices' total time: sum_g (T - lat_g) >= b Y + 4 tb co max(out, in); co is each
         # node's cheapest inter-node link
-        con = np.array([co[node == n].min() for n in range(nodes)])
+        con = np.array([co[cluster.node_index == n].min() for n in range(nodes)])
         best = max(best, _balance(onehot.sum(axis=0), onehot.T @ lat, np.full(nodes, b[0]), unit * con,
                                   D.sum(axis=1), KN, N))
     return float(best)
@@ -160,12 +159,6 @@ class _Scale(NamedTuple):
 
 def _scale(cluster: Cluster, counts: np.ndarray) -> _Scale:
     return _Scale(max(float(counts.sum()), 1.0) / 1000.0, max(compute_bound(cluster, counts), 1e-12) / 1000.0)
-
-
-def _node_index(cluster: Cluster) -> tuple[np.ndarray, int]:
-    """Each device's node as 0..K-1, and K."""
-    node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
-    return node, int(node.max()) + 1
 
 
 def _finite_class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +199,7 @@ class Relaxation:
         self.cluster, self.counts, self.interval, self.upper = cluster, counts, interval, upper
         self.G, self.E = cluster.num_devices, counts.shape[1]
         self.U, self.tau = _scale(cluster, counts)
-        self.node, self.K = _node_index(cluster)
+        self.node, self.K = cluster.node_index, cluster.num_nodes
         s = pywraplp.Solver.CreateSolver(backend if integer else "GLOP")
         if s is None:
             raise RuntimeError(f"OR-Tools has no {backend} solver here")
@@ -442,7 +435,7 @@ class NodeRelaxation:
         counts = fold_sources(counts, cluster.num_devices)
         self.cluster, self.counts, self.upper, self.local_cuts = cluster, counts, upper, local_cuts
         self.E = counts.shape[1]
-        self.node, self.K = _node_index(cluster)
+        self.node, self.K = cluster.node_index, cluster.num_nodes
         self.U, self.tau = _scale(cluster, counts)
         self.solver = s = pywraplp.Solver.CreateSolver(backend)
         self._node_data()

@@ -205,13 +205,12 @@ def hierarchical(cluster: Cluster, counts: np.ndarray, extras=None) -> list[tupl
        sync that each multi-node expert's replica pays over the slow link.
     """
     counts = np.asarray(counts, dtype=np.float64)
-    node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
-    num_nodes = int(node.max()) + 1
+    node, num_nodes = cluster.node_index, cluster.num_nodes
     E = counts.shape[1]
     load = counts.sum(axis=0)
     if num_nodes < 2 or E == 0:
         return []
-    onehot = np.eye(num_nodes)[node]
+    onehot = cluster.node_onehot
     demand = counts.T @ onehot  # [E, K]
     a, b, slots = cluster.compute_a, cluster.compute_b, cluster.slots
     node_slots = slots @ onehot
@@ -407,7 +406,7 @@ def from_nodes(cluster: Cluster, counts: np.ndarray, tokens: np.ndarray, owner_n
     `pack_node` inside each node, counting the weight sync of experts served on several nodes;
     the owner is the replica on the owner node with the most tokens. (x, share, owner)."""
     counts = np.asarray(counts, dtype=np.float64)
-    node = np.unique(cluster.node_of, return_inverse=True)[1].reshape(-1)
+    node = cluster.node_index
     load = counts.sum(axis=0)
     E, G = len(load), cluster.num_devices
     a, b, slots = cluster.compute_a, cluster.compute_b, cluster.slots

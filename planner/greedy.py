@@ -44,9 +44,8 @@ class _State:
         self.P = cluster.expert.param_bytes
         self.invb = cluster.inv_beta
         self.same_node = ~cluster.inter_mask
-        self.node = np.unique(cluster.node_of, return_inverse=True)[1]
-        self.num_nodes = int(self.node.max()) + 1
-        self.onehot = np.eye(self.num_nodes)[self.node]  # [G, nodes]
+        self.node, self.num_nodes = cluster.node_index, cluster.num_nodes
+        self.onehot = cluster.node_onehot  # [G, nodes]
         tb = cluster.expert.token_bytes
         self.lat = A2A_PHASES * cluster.alpha.sum(axis=1)
         self.inv_intra = _intra(cluster)

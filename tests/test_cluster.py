@@ -31,6 +31,17 @@ def test_preset_shapes_and_graph():
     assert (h100.num_devices, h100.num_nodes, int(h100.slots.sum())) == (64, 8, 320)
 
 
+def test_node_index_numbers_any_node_ids_densely():
+    """Cluster files may number nodes 5 and 9; per-node sums go through the dense index."""
+    base = preset("dgx-a100-2x8", slots=3)
+    ids = {0: 9, 1: 5}
+    c = Cluster.from_dict({**base.to_dict(), "devices": [{**d, "node": ids[d["node"]]}
+                                                          for d in base.to_dict()["devices"]]})
+    assert c.node_index.tolist() == [1] * 8 + [0] * 8
+    assert c.node_onehot.shape == (16, 2) and (c.node_onehot.sum(axis=1) == 1).all()
+    assert (c.node_onehot[:, 1] == (c.node_of == 9)).all()
+
+
 def test_pair_override_wins(tmp_path):
     doc = preset("dgx-a100-2x8").to_dict()
     doc["pairs"] = [{"src": 0, "dst": 9, "alpha": 1e-3, "beta": 1e9}]
