@@ -41,3 +41,17 @@ def test_cli_solver_choices_are_the_registry(command, capsys):
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
     listed = re.findall(r"'(\w+)'", err.partition("is not one of")[2])
     assert listed == list(SOLVERS)
+
+
+def test_the_runtime_refuses_an_unknown_solver_before_training_starts():
+    """Checked in the parent (TrainConfig.check) and by every rank's re-planner, not left to the
+    background planner, whose failures only warn."""
+    import numpy as np
+
+    from runtime.replan import Replanner
+    from runtime.trainer import TrainConfig
+    with pytest.raises(InputError, match="unknown solver 'nope'"):
+        TrainConfig(solver="nope").check(2)
+    with pytest.raises(InputError, match="unknown solver 'nope'"):
+        Replanner("dynamic", rank=0, world=1, num_experts=4, slots=np.array([4]), layers=1, solver="nope")
+    assert TrainConfig(solver="ilp").check(2).solver == "ilp"
