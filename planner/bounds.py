@@ -550,10 +550,14 @@ class NodeRelaxation:
 
     def _node_sync(self, k: int):
         """Node k's sync time: followers in k of experts owned elsewhere (inter), intra followers,
-        and the followers elsewhere of the experts k owns."""
+        and the followers elsewhere of the experts k owns. Per device the larger of followers
+        hosted and followers of the experts it owns: an owner with F followers across hosts at
+        most slots - 1 followers itself, so at least F - (slots - 1) of the owner's receive is
+        not overlapped by its own sending."""
         s, E, K, n, own, inf = self.solver, self.E, self.K, self.n, self.own, self.solver.infinity()
         M = int(sum(self.per_dev)) + 1
-        fo, fi, oo = [], [], []
+        fo, fi, oo, lump = [], [], [], []
+        spare = int(self.cluster.slots[self.devs[k]].max()) - 1  # followers an owner's device can host
         for e in range(E):
             v = s.NumVar(0, inf, "")
             s.Add(v >= n[e][k] - M * own[e][k])
@@ -564,11 +568,19 @@ class NodeRelaxation:
             w2 = s.NumVar(0, inf, "")
             s.Add(w2 >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
             oo.append(w2)
+            if K > 1:
+                x2 = s.NumVar(0, inf, "")
+                s.Add(x2 >= w2 - spare)
+                lump.append(x2)
         S = s.NumVar(0, inf, "")
         P = self.cluster.expert.param_bytes
         pi, po = SYNC_PHASES * P * self.ci_k[k] / self.tau, SYNC_PHASES * P * self.co_k[k] / self.tau
         s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
         s.Add(S >= float(pi) * sum(fi) + float(po) * sum(oo))
+        if lump:
+            # per device max(followers hosted, followers of what it owns) summed: the followers
+            # hosted, plus what an owner's device receives beyond the followers it can host itself
+            s.Add(S >= float(pi) * sum(fi) + float(po) * (sum(fo) + sum(lump)))
         return S
 
     def _node_time(self, k: int, T) -> None:
