@@ -4,8 +4,9 @@ bound, and how far greedy, EPLB and the online ILP are from that bound.
 `flexmoe compare --offline-budget SECONDS` wraps the replay's planner (`offline_plan_fn`): at each
 re-plan of the ILP policy, on the very inputs the online ILP got (predicted loads, placement in
 force, interval), it also runs greedy and EPLB, then spends the budget on
-1. the node-level relaxation (`planner.bounds.NodeRelaxation`): a proven bound, and a node plan
-   that `planner.construct.from_nodes` turns into device plans;
+1. the node-level relaxation (`planner.bounds.NodeRelaxation`), three short solves: a proven
+   bound, and node structures (their incumbents) that `planner.construct.from_nodes` turns into
+   device plans, polished;
 2. `polish` on every plan known: owners re-picked, shares from the relaxation's LP;
 3. the CP-SAT ILP hinted with the best plan known, those included, and its result polished;
 and reports the best plan's objective, the best valid bound (the max of the cheap bounds and the
@@ -54,7 +55,7 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
         bound, status = _node_bound(cluster, counts, current, interval, budget, upper, bound, plans, obj)
     # every plan so far polished (owners re-picked, shares from the relaxation's LP): candidates
     # and hints; the policies' own objectives stay as they are
-    for name in list(plans):
+    for name in [k for k in plans if not k.startswith("nodes")]:  # node plans come polished
         x, s, o, v = polish(cluster, counts, current, interval, *plans[name], seconds=min(0.03 * budget, 5.0))
         if v < obj[name] - 1e-12:
             plans[name + "+polish"], obj[name + "+polish"] = (x, s, o), v
@@ -81,25 +82,37 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
 
 
 def _node_bound(cluster, counts, current, interval, budget, upper, bound, plans, obj):
-    """The node relaxation twice: without the per-expert local cuts (often proved quickly), then
-    with them (tighter when proved); the max of valid bounds is valid. Its node plan, made into
-    device plans, joins `plans` and `obj`. (bound, status)"""
-    rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper, local_cuts=False)
-    nb, sol, status = rel.solve(0.15 * budget)
-    bound = max(bound, nb)
-    strong = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper)
-    nb2, sol2, status2 = strong.solve(0.35 * budget)
-    if nb2 > nb:
-        bound, status = max(bound, nb2), status2
-    sol = sol2 if sol2 is not None else sol
-    made = from_nodes(cluster, counts, sol[3], sol[2]) if sol is not None else None
-    if made is not None:
-        x, s, o = made
-        base = estimate(cluster, counts, x, s).total
-        for name, own in (("nodes", o), ("nodes/owners", spread_owners(cluster, x, base, o))):
-            plans[name] = (x, s, own)
-            obj[name] = objective(cluster, counts, x, s, own, current, interval)
-    return bound, status
+    """The node relaxation three times: without the per-expert local cuts (often proved quickly),
+    with them (tighter when proved), and with them again capped by the best plan known by then
+    (its incumbent is another node structure); the max of valid bounds is valid. Every incumbent,
+    made into device plans and polished, joins `plans` and `obj`: different structures polish to
+    quite different device plans, so all are kept and the estimator picks. (bound, status)"""
+    t0, best_status = time.perf_counter(), "none"
+    for i, (share, cuts) in enumerate(((0.15, False), (0.3, True), (0.1, True))):
+        cap = min(upper, min(obj.values()))
+        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=cap, local_cuts=cuts)
+        nb, sol, status = rel.solve(share * budget)
+        if nb > bound or best_status == "none":
+            bound, best_status = max(bound, nb), status
+        if sol is not None:
+            _add_node_plans(cluster, counts, current, interval, sol, f"nodes{i}", plans, obj,
+                            seconds=min(0.02 * budget, 3.0))
+        if time.perf_counter() - t0 > 0.6 * budget:
+            break
+    return bound, best_status
+
+
+def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, seconds):
+    """A node solution (u, n, own, Y) made into a device plan (`from_nodes`), with its owners and
+    with owners spread, each polished; the ones that score best join `plans` and `obj`."""
+    made = from_nodes(cluster, counts, sol[3], sol[2])
+    if made is None:
+        return
+    x, s, o = made
+    base = estimate(cluster, counts, x, s).total
+    for tag, own in (("", o), ("/owners", spread_owners(cluster, x, base, o))):
+        px, ps, po, v = polish(cluster, counts, current, interval, x, s, own, seconds=seconds)
+        plans[name + tag], obj[name + tag] = (px, ps, po), v
 
 
 def offline_plan_fn(budget: float, workers: int = 2, base=None):

@@ -450,6 +450,8 @@ class NodeRelaxation:
             self._node_time(k, T)
             if mig is not None:
                 self._node_migration(k, mig, current)
+        if mig is not None and self.K > 1:
+            self._migration_lumps(mig, current)
         s.Add(T >= float(quick_bound(cluster, counts) / self.tau) * (1 - SAFETY))
         s.Minimize(T + (mig * (1.0 / interval) if mig is not None else 0))
         self.T, self.mig, self.interval = T, mig, interval
@@ -548,10 +550,14 @@ class NodeRelaxation:
 
     def _node_sync(self, k: int):
         """Node k's sync time: followers in k of experts owned elsewhere (inter), intra followers,
-        and the followers elsewhere of the experts k owns."""
+        and the followers elsewhere of the experts k owns. Per device the larger of followers
+        hosted and followers of the experts it owns: an owner with F followers across hosts at
+        most slots - 1 followers itself, so at least F - (slots - 1) of the owner's receive is
+        not overlapped by its own sending."""
         s, E, K, n, own, inf = self.solver, self.E, self.K, self.n, self.own, self.solver.infinity()
         M = int(sum(self.per_dev)) + 1
-        fo, fi, oo = [], [], []
+        fo, fi, oo, lump = [], [], [], []
+        spare = int(self.cluster.slots[self.devs[k]].max()) - 1  # followers an owner's device can host
         for e in range(E):
             v = s.NumVar(0, inf, "")
             s.Add(v >= n[e][k] - M * own[e][k])
@@ -562,11 +568,19 @@ class NodeRelaxation:
             w2 = s.NumVar(0, inf, "")
             s.Add(w2 >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
             oo.append(w2)
+            if K > 1:
+                x2 = s.NumVar(0, inf, "")
+                s.Add(x2 >= w2 - spare)
+                lump.append(x2)
         S = s.NumVar(0, inf, "")
         P = self.cluster.expert.param_bytes
         pi, po = SYNC_PHASES * P * self.ci_k[k] / self.tau, SYNC_PHASES * P * self.co_k[k] / self.tau
         s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
         s.Add(S >= float(pi) * sum(fi) + float(po) * sum(oo))
+        if lump:
+            # per device max(followers hosted, followers of what it owns) summed: the followers
+            # hosted, plus what an owner's device receives beyond the followers it can host itself
+            s.Add(S >= float(pi) * sum(fi) + float(po) * (sum(fo) + sum(lump)))
         return S
 
     def _node_time(self, k: int, T) -> None:
@@ -597,6 +611,33 @@ class NodeRelaxation:
             if self.node[own0[e]] != k:
                 terms.append(float(OB * self.co_k[k] / tau) * self.own[e][k])
         s.Add(float(self.m[k]) * mig >= sum(terms))
+
+    def _migration_lumps(self, mig, current) -> None:
+        """Migration is the busiest device's, and some transfers cannot be spread over a node: an
+        old owner sends, alone over its inter-node link, the weights of every new replica on a
+        node that held none of its experts' replicas and the optimizer state of every owner moved
+        off its node; a new owner from another node receives the optimizer state alone (and the
+        weights, when its node held no replica)."""
+        s, cl, tau, E, K = self.solver, self.cluster, self.tau, self.E, self.K
+        P, OB = cl.expert.param_bytes, cl.expert.optimizer_bytes
+        x0, own0 = current.replicas(), current.owner
+        _, co = _finite_class_costs(cl)
+        had = np.stack([x0[:, d].any(axis=1) for d in self.devs], axis=1)  # [E, K]
+        for d0 in np.unique(own0):
+            k0, terms = int(self.node[d0]), []
+            for e in np.flatnonzero(own0 == d0):
+                for k in range(K):
+                    if k == k0:
+                        continue
+                    if not had[e, k]:
+                        terms.append(float(P * co[d0] / tau) * self.n[e][k])
+                    terms.append(float(OB * co[d0] / tau) * self.own[e][k])
+            if terms:
+                s.Add(mig >= sum(terms))
+        for e in range(E):
+            for k in range(K):
+                if k != int(self.node[own0[e]]):
+                    s.Add(mig >= float((OB + (0 if had[e, k] else P)) * self.co_k[k] / tau) * self.own[e][k])
 
     def solve(self, seconds: float, threads: int = 1):
         """(bound seconds, node solution (u, n, own, Y tokens) or None, status)."""

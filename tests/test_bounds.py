@@ -85,6 +85,35 @@ def test_bounds_never_exceed_brute_force(name, cluster, load, seed):
             assert found["node"] > found["traffic"] * 1.3, found
 
 
+def _current(experts_on: dict[int, int], owner) -> LayerPlan:
+    """A placement in force on `slow_cluster()`: expert -> the one device holding it."""
+    x = np.zeros((3, 3), bool)
+    for e, g in experts_on.items():
+        x[e, g] = True
+    return LayerPlan.from_matrices(x, x / x.sum(axis=1, keepdims=True), np.asarray(owner), 2)
+
+
+# Placements in force that make migration lumps bind: node 1 (device 2) holds nothing and its
+# source wants expert 0 (new replicas copied across from the old owner); expert 0 held only on
+# node 1 while node 0 wants it (its owner may move across).
+LUMP_CASES = [
+    ("node 1 empty", _current({0: 0, 1: 0, 2: 1}, [0, 0, 1]), [[20, 20, 10], [20, 10, 10], [400, 10, 5]], 1),
+    ("owner across", _current({0: 2, 1: 0, 2: 1}, [2, 0, 1]), [[300, 20, 10], [300, 10, 10], [0, 0, 0]], 5),
+]
+
+
+@pytest.mark.parametrize("name,current,counts,interval", LUMP_CASES, ids=[c[0] for c in LUMP_CASES])
+def test_node_bound_with_migration_lumps_never_exceeds_brute_force(name, current, counts, interval):
+    """The node relaxation's device-level migration rows (an old owner's inter-node sends, a new
+    owner's receive, each on one device) stay below every enumerated plan."""
+    cluster = slow_cluster()
+    counts = np.asarray(counts, dtype=np.float64)
+    best = brute_min(cluster, counts, current, interval)
+    node = bounds.NodeRelaxation(cluster, counts, current, interval, upper=best * 1.5).solve(20.0)[0]
+    assert node <= best * (1 + 1e-9), (name, node, best)
+    assert node >= bounds.quick_bound(cluster, counts) * (1 - 1e-6)
+
+
 def test_mip_bound_is_tight_on_a_tiny_case():
     """Solved to the end on a tiny case, the relaxation's bound comes within a few percent of the
     brute-force optimum (it is exact but for free routing and the cheapest link per class)."""

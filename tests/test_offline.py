@@ -97,3 +97,23 @@ def test_diagnosis_splits_plan_and_relaxation_by_the_same_terms():
     same = d["plan_structure"]
     assert d["bound_s"] * (1 - 1e-6) <= d["plan_structure_s"] <= d["best_s"] * (1 + 1e-9)
     assert same["compute"] == pytest.approx(plan["compute"], rel=1e-3) and same["a2a"] > 0
+
+
+def test_every_node_incumbent_becomes_polished_device_plans():
+    """The offline solve turns each node relaxation's incumbent into device plans, scored by the
+    estimator (what `obj` says is that plan's objective) and kept among the candidates."""
+    from planner import bounds
+    from planner.score import objective
+    cluster = slow_cluster(per_node=(2, 2))
+    counts = spread([300, 120, 60, 20], cluster.num_devices, seed=1)
+    cur = static_layer(4, cluster.slots)
+    sol = bounds.NodeRelaxation(cluster, counts, cur, 5).solve(5.0)[1]
+    plans, obj = {}, {}
+    offline._add_node_plans(cluster, counts, cur, 5, sol, "nodesX", plans, obj, seconds=1.0)
+    assert set(plans) == {"nodesX", "nodesX/owners"}
+    for k, (x, s, o) in plans.items():
+        assert x[np.arange(4), o].all() and np.allclose(s.sum(axis=1), 1) and (s[~x] == 0).all()
+        assert obj[k] == pytest.approx(objective(cluster, counts, x, s, o, cur, 5))
+    found = offline.solve_instance(cluster, counts, cur, 5, budget=2.0, workers=1)
+    assert any(k.startswith("nodes") for k in found["objectives"])
+    assert found["offline_best_s"] == pytest.approx(min(found["objectives"].values()))
