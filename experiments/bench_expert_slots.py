@@ -2,7 +2,8 @@
 from one `unbind` (`ExpertSlots.run_slots`). Prints a table (not a timed test).
 
 Indexing a slot as `t[slot]` makes autograd zero-fill a gradient the size of the whole stacked tensor
-for every slot used; one `unbind` per step gives each slot its own gradient slice.
+for every slot used; one `unbind` per step gives each slot its own gradient slice. Peak memory is
+that of the tensors one step creates (weights and inputs excluded), tracked op by op, CPU or CUDA.
 
     .venv/bin/python experiments/bench_expert_slots.py [--slots 8] [--d 256] [--f 1024] [--tokens 64]
 """
@@ -35,17 +36,26 @@ def from_one_unbind(store, xs):
     return store.run_slots(list(enumerate(xs)))
 
 
-def measure(step, store, xs, repeats: int) -> tuple[float, float, list[torch.Tensor]]:
-    """Median seconds per step, peak traced MiB of one step (CPU), and the gradients."""
-    times = []
-    for _ in range(repeats):
-        store.zero_grad()
-        t0 = time.perf_counter()
-        sum(y.sum() for y in step(store, xs)).backward()
-        times.append(time.perf_counter() - t0)
+def _step(path, store, xs) -> float:
     store.zero_grad()
-    peak = _peak_bytes(lambda: sum(y.sum() for y in step(store, xs)).backward())
-    return float(np.median(times)), peak / 2 ** 20, [t.grad.clone() for t in store.stacked]
+    t0 = time.perf_counter()
+    sum(y.sum() for y in path(store, xs)).backward()
+    return time.perf_counter() - t0
+
+
+def measure(paths: dict, store, xs, repeats: int) -> dict:
+    """Per path: median seconds per step (the paths interleaved, as this machine's speed drifts),
+    peak MiB of the tensors one step creates, and the gradients it leaves."""
+    times = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, path in paths.items():
+            times[name].append(_step(path, store, xs))
+    out = {}
+    for name, path in paths.items():
+        store.zero_grad()
+        peak = _peak_bytes(lambda: sum(y.sum() for y in path(store, xs)).backward())
+        out[name] = (float(np.median(times[name])), peak / 2 ** 20, [t.grad.clone() for t in store.stacked])
+    return out
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -60,8 +70,10 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view or an in-place op: no new storage
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t._base is None and not func._schema.is_mutable:
+            if isinstance(t, torch.Tensor):
                 n = t.untyped_storage().nbytes()
                 self.live += n
                 self.peak = max(self.peak, self.live)
@@ -83,19 +95,22 @@ def main() -> None:
     ap.add_argument("--f", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per slot")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     store = SlotStore(args.d, args.f, np.arange(args.slots))
     for s, vec in enumerate(init_experts(args.slots, args.d, args.f, torch.Generator().manual_seed(0))):
         store.load_flat(s, vec)
     xs = [torch.randn(args.tokens, args.d) for _ in range(args.slots)]
-    rows = [(name, *measure(fn, store, xs, args.repeats)) for name, fn in
-            (("t[slot] per slot", one_at_a_time), ("one unbind", from_one_unbind))]
-    print(f"slots={args.slots} d={args.d} f={args.f} tokens/slot={args.tokens} threads={torch.get_num_threads()}")
+    rows = measure({"t[slot] per slot": one_at_a_time, "one unbind": from_one_unbind}, store, xs, args.repeats)
+    print(f"slots={args.slots} d={args.d} f={args.f} tokens/slot={args.tokens} threads={torch.get_num_threads()} "
+          f"median of {args.repeats} interleaved steps")
     print(f"{'path':<18}{'fwd+bwd ms':>12}{'peak MiB':>10}")
-    for name, sec, mib, _ in rows:
+    for name, (sec, mib, _) in rows.items():
         print(f"{name:<18}{sec * 1e3:>12.2f}{mib:>10.1f}")
-    same = all(torch.equal(a, b) for a, b in zip(rows[0][3], rows[1][3]))
+    (_, _, before), (_, _, after) = rows.values()
+    same = all(torch.equal(a, b) for a, b in zip(before, after))
     print(f"gradients identical: {same}")
 
 
