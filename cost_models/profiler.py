@@ -400,7 +400,25 @@ def build_cluster(meas: dict, opts: ProfileOptions) -> Cluster:
     ranks = sorted(meas["ranks"], key=lambda r: r["rank"])
     hosts = list(dict.fromkeys(r["host"] for r in ranks))
     node_of = [hosts.index(r["host"]) for r in ranks]
-    per_host = {h: sum(r["host"] == h for r in ranks) for h in hosts}
+    devices = _fit_devices(meas, opts, ranks, node_of)
+    links, link_fits, per_pair = _fit_links(ranks, node_of)
+    p2p_fits = _fit_p2p(ranks, node_of)
+    pairs, pair_fits = {}, {}
+    if opts.all_pairs:
+        for (i, j), pts in sorted(per_pair.items()):
+            link, fit = fit_link(*np.array(pts).T)
+            pairs[(i, j)] = pairs[(j, i)] = link
+            pair_fits[f"{i}-{j}"] = fit
+    provenance = _provenance(meas, opts, ranks, hosts, link_fits, p2p_fits)
+    if pair_fits:
+        provenance["pair_fits"] = pair_fits
+    name = opts.name or f"profiled-{hosts[0]}" + (f"+{len(hosts) - 1}" if len(hosts) > 1 else "")
+    return Cluster(name, tuple(devices), opts.expert, links, pairs, provenance)
+
+
+def _fit_devices(meas: dict, opts: ProfileOptions, ranks: list[dict], node_of: list[int]) -> list[Device]:
+    """Each rank's device with its fitted compute model; on CPU a host's memory is split among its ranks."""
+    per_host = {h: sum(r["host"] == h for r in ranks) for h in {r["host"] for r in ranks}}
     devices = []
     for r in ranks:
         n, t = np.array(r["compute"], dtype=np.float64).T
@@ -412,7 +430,11 @@ def build_cluster(meas: dict, opts: ProfileOptions) -> Cluster:
         if meas["device_type"] == "cpu":  # processes on one host share its memory
             memory //= per_host[r["host"]]
         devices.append(Device(r["rank"], node_of[r["rank"]], r["device"], int(memory), opts.slots, model))
+    return devices
 
+
+def _fit_links(ranks: list[dict], node_of: list[int]):
+    """The all-to-all link model per class (intra-, inter-node), its fits, and the samples per pair."""
     samples = {INTRA: [], INTER: []}
     per_pair = {}
     for r in ranks:
@@ -428,6 +450,11 @@ def build_cluster(meas: dict, opts: ProfileOptions) -> Cluster:
         # Every node has a single device: no pair is intra-node, so the class is never used.
         links[INTRA] = links[INTER]
         link_fits[INTRA] = {"note": "no two devices share a node; copied from 'inter', never used"}
+    return links, link_fits, per_pair
+
+
+def _fit_p2p(ranks: list[dict], node_of: list[int]) -> dict:
+    """Point-to-point (batch_isend_irecv) fits per class, recorded in the provenance only."""
     p2p_samples = {INTRA: [], INTER: []}
     for r in ranks:
         for i, j, size, seconds in r.get("p2p", []):
@@ -437,13 +464,13 @@ def build_cluster(meas: dict, opts: ProfileOptions) -> Cluster:
         if pts:
             link, fit = fit_link(*np.array(pts).T)
             p2p_fits[cls] = {"alpha": link.alpha, "beta": link.beta, **fit}
-    pairs, pair_fits = {}, {}
-    if opts.all_pairs:
-        for (i, j), pts in sorted(per_pair.items()):
-            link, fit = fit_link(*np.array(pts).T)
-            pairs[(i, j)] = pairs[(j, i)] = link
-            pair_fits[f"{i}-{j}"] = fit
-    provenance = {
+    return p2p_fits
+
+
+def _provenance(meas: dict, opts: ProfileOptions, ranks: list[dict], hosts: list[str],
+                link_fits: dict, p2p_fits: dict) -> dict:
+    """Where and how the measurements were taken, written into the cluster file."""
+    return {
         "source": "profile", "host": hosts[0], "hosts": hosts,
         "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": meas["torch"], "python": platform.python_version(), "numpy": np.__version__,
@@ -456,7 +483,3 @@ def build_cluster(meas: dict, opts: ProfileOptions) -> Cluster:
                                 f"at once, {opts.statistic}; p2p_fits: the same with batch_isend_irecv"},
         "link_fits": link_fits, "p2p_fits": p2p_fits, "cpu_pressure_pct": meas.get("cpu_pressure_pct"),
     }
-    if pair_fits:
-        provenance["pair_fits"] = pair_fits
-    name = opts.name or f"profiled-{hosts[0]}" + (f"+{len(hosts) - 1}" if len(hosts) > 1 else "")
-    return Cluster(name, tuple(devices), opts.expert, links, pairs, provenance)

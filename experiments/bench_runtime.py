@@ -37,7 +37,7 @@ def run(policy: str, args, out: Path, dispatch: str = "adaptive") -> dict:
     return torch.load(out, weights_only=False)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
@@ -57,19 +57,24 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="interleaved static/live run pairs")
     p.add_argument("--forced-every", type=int, default=3, help="steps between forced random plans (change-cost run)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def series(r: dict, w: int) -> tuple:
+    """(wall seconds, straggler busy seconds, changed, balance, steady) per step after `w` warm-up steps."""
+    changed = np.array(r["changes"][w:])
+    steady = np.zeros(len(changed), dtype=bool)
+    if changed.any():
+        steady[int(np.argmax(changed)) + 1:] = True
+    return (np.array(r["step_times"][w:]), np.asarray(r["cpu_times"])[w:].max(axis=1), changed,
+            np.array(r["balances"][w:]), steady & ~changed)
+
+
+def collect(args) -> tuple[dict, list, list, list]:
+    """Every run's `series` by kind, the live runs' re-plan stats and share stats, and (straggler
+    tokens, straggler busy seconds) per step for the fit. Runs are interleaved: this machine is
+    shared, and its speed drifts by tens of percent."""
     w = args.warmup
-
-    def series(r):
-        """(wall seconds, straggler busy seconds, changed, balance, steady) per step after warm-up."""
-        changed = np.array(r["changes"][w:])
-        steady = np.zeros(len(changed), dtype=bool)
-        if changed.any():
-            steady[int(np.argmax(changed)) + 1:] = True
-        return (np.array(r["step_times"][w:]), np.asarray(r["cpu_times"])[w:].max(axis=1), changed,
-                np.array(r["balances"][w:]), steady & ~changed)
-
-    # Interleave the runs: this machine is shared, and its speed drifts by tens of percent.
     kinds = {"static": ("static", "plan"), "dynamic": ("dynamic", "adaptive"), "plan": ("dynamic", "plan"),
              "random": ("random", "adaptive")}
     runs = {k: [] for k in kinds}
@@ -78,12 +83,17 @@ def main() -> None:
         for i in range(args.repeats):
             for kind, (policy, dispatch) in kinds.items():
                 r = run(policy, args, Path(tmp) / f"{kind}{i}.pt", dispatch)
-                runs[kind].append(series(r))
+                runs[kind].append(series(r, w))
                 if kind == "dynamic":
                     stats.append(r["stats"])
                     shares.append(r["shares"])
                 if kind in ("static", "dynamic", "plan"):  # straggler busy time against its tokens
-                    fit.append((np.asarray(r["device_tokens"])[w:].max(axis=1), series(r)[1]))
+                    fit.append((np.asarray(r["device_tokens"])[w:].max(axis=1), series(r, w)[1]))
+    return runs, stats, shares, fit
+
+
+def print_step_table(args, runs: dict) -> None:
+    """Step time, tokens/s and balance of static EP against the live runs (whole run and steady)."""
     tok = args.batch * 2 * args.seq_len
 
     def cat(policy, k):
@@ -97,7 +107,7 @@ def main() -> None:
         if settled.any():
             rows.append((f"{label}, steady", l_wall[settled], l_busy[settled], l_bal[settled]))
     print(f"\nworld size 2 (gloo, 1 thread per rank), {args.repeats} x {args.steps} steps per policy "
-          f"({w} warm-up steps dropped per run), "
+          f"({args.warmup} warm-up steps dropped per run), "
           f"{tok} tokens/step, skew {args.skew}, top-{args.top_k}, {args.experts} experts, d_ff {args.d_ff}, "
           f"solver {args.solver}, slots {args.slots or 'auto'}")
     print("wall: measured step time on this shared machine; busy: the straggler rank's own CPU time per step "
@@ -107,6 +117,10 @@ def main() -> None:
         print(f"{name:<30} {wall.mean() * 1e3:>8.1f} {tok / wall.mean():>7.0f} {s_wall.mean() / wall.mean():>5.2f} "
               f"{busy.mean() * 1e3:>8.1f} {tok / busy.mean():>7.0f} {s_busy.mean() / busy.mean():>5.2f} "
               f"{bal.mean():>8.2f}")
+
+
+def print_overheads(args, stats: list, shares: list, fit: list) -> None:
+    """Per-step share solves, the straggler's time against its tokens, and each plan's switch and solve time."""
     solves = sum(sh["solves"] for sh in shares)
     print(f"per-step shares: {1e3 * sum(sh['seconds'] for sh in shares) / max(solves, 1):.2f} ms per layer and "
           f"step ({solves} solves, {sum(sh['adapted'] for sh in shares)} moved off the plan's shares, "
@@ -121,25 +135,38 @@ def main() -> None:
     print(f"plans per live run: {committed / args.repeats:.1f} committed; rank 0's own switching work "
           f"(validate, post transfers, wait, commit): {per_plan['switch_s']:.1f} ms per plan; "
           f"solving (background thread): {per_plan['solve_s']:.1f} ms per plan")
-    def change_cost(policy):
-        """A change step computes under the placement in force before it, so compare it with the step
-        just before (same placement): the difference is what the change itself costs."""
-        out = {"wall": [], "busy": []}
-        for wall, busy, changed, _, _ in runs[policy]:
-            idx = np.array([i for i in np.flatnonzero(changed) if i > 0 and not changed[i - 1]], dtype=int)
-            if len(idx):
-                out["wall"].append(wall[idx] / wall[idx - 1])
-                out["busy"].append(busy[idx] / busy[idx - 1])
-        return {k: np.concatenate(v) for k, v in out.items() if v}
 
+
+def change_cost(series_list: list) -> dict:
+    """A change step computes under the placement in force before it, so compare it with the step
+    just before (same placement): the difference is what the change itself costs."""
+    out = {"wall": [], "busy": []}
+    for wall, busy, changed, _, _ in series_list:
+        idx = np.array([i for i in np.flatnonzero(changed) if i > 0 and not changed[i - 1]], dtype=int)
+        if len(idx):
+            out["wall"].append(wall[idx] / wall[idx - 1])
+            out["busy"].append(busy[idx] / busy[idx - 1])
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def print_change_costs(args, runs: dict) -> None:
     forced = f"forced random plans every {args.forced_every} steps, owners moved"
     for policy, what in (("dynamic", "planned changes"), ("random", forced)):
-        cost = change_cost(policy)
+        cost = change_cost(runs[policy])
         for name in ("wall", "busy"):
             if name in cost:
                 r = cost[name]
                 print(f"plan-change step / step before ({name}, {what}): mean {r.mean():.2f}, median "
                       f"{np.median(r):.2f}, n={len(r)} (goal <= 1.10)")
+
+
+def main() -> None:
+    args = _args()
+    runs, stats, shares, fit = collect(args)
+    print_step_table(args, runs)
+    print_overheads(args, stats, shares, fit)
+    print_change_costs(args, runs)
+
 
 if __name__ == "__main__":
     main()

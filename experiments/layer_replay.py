@@ -12,7 +12,7 @@ tables through its layer. For one case (counts `[source, expert]`, replicas, sha
   owners' AdamW, weights back).
 
 The experts are the trainer's `GeluFFN`, wrapped so that their forward and backward are timed and
-the tokens each expert computed are counted (what the validation's test compares with the rule).
+the tokens each expert computed are counted through `ExpertSlots.on_run` (what the validation's test compares with the rule).
 Runs inside a worker process; imports torch.
 """
 
@@ -50,10 +50,14 @@ class _Clock:
         self.fwd = self.bwd = 0.0
         self.bwd_from = 0.0
         self.served = np.zeros(num_experts, dtype=np.int64)
-        self.slot_expert = np.zeros(0, dtype=np.int64)  # the store's slot -> expert
+        self.store = None  # the slots whose runs `count` sees (set by LayerReplay)
 
     def __deepcopy__(self, memo):
         return self  # FlexMoE deep-copies its template expert: the copy must report to this clock
+
+    def count(self, slot: int, tokens: int) -> None:
+        """`ExpertSlots.on_run`: the tokens the expert in `slot` computed."""
+        self.served[self.store.experts[slot]] += tokens
 
     def reset(self) -> None:
         self.fwd = self.bwd = 0.0
@@ -91,9 +95,6 @@ class TimedExpert(nn.Module):
 
     def forward(self, x):
         clock = self._clock[0]
-        # ExpertSlots.run passes the slot's views of its stacked tensors: the view's offset is the slot.
-        w1 = self.ffn.w1
-        clock.served[clock.slot_expert[w1.storage_offset() // w1.numel()]] += x.shape[0]
         t0 = now(clock.device)
         y = self.ffn(_Mark.apply(x, clock, False))
         clock.fwd += now(clock.device) - t0
@@ -128,7 +129,8 @@ class LayerReplay:
         self.runtime = FlexMoERuntime([self.layer], rank=rank, world=world, device=device, lr=LR,
                                       plan=case_plan(case["x"], case["share"], case["owner"]), cluster=cluster,
                                       policy="static", dispatch="plan", weights=weights)
-        self.clock.slot_expert = self.runtime.rt.stores[0].experts
+        self.clock.store = self.runtime.rt.stores[0]
+        self.clock.store.on_run = self.clock.count
         gen = torch.Generator().manual_seed(100 + rank)
         idx = token_ids(counts[rank], seed=rank)
         self.idx = idx.to(device)

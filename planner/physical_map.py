@@ -83,63 +83,80 @@ def balance_equal_shares(assign: np.ndarray, load: np.ndarray, max_iter: int = 1
     if (a == EMPTY).any():
         raise InputError("balance_equal_shares needs every slot filled (fill_slots first)")
     load = np.asarray(load, dtype=np.float64)
-    num_experts = len(load)
-    num_devices, slots = a.shape
-    dev_of = np.repeat(np.arange(num_devices), slots)
+    dev_of = np.repeat(np.arange(a.shape[0]), a.shape[1])
     for _ in range(max_iter):
-        flat = a.reshape(-1)
-        cnt = np.bincount(flat, minlength=num_experts).astype(np.float64)
-        per = load / cnt
-        loads = per[a].sum(axis=1)
-        cur = _key(loads)
-        best_key, best_move = cur, None
-        top = np.flatnonzero(loads >= cur[0] - _TOL * max(cur[0], 1.0))
-        phy_per = per[flat]
-        copies = np.zeros((num_experts, num_devices))  # physical replicas of e on g
-        np.add.at(copies, (flat, dev_of), 1.0)
-        for g1 in top:  # a swap that can lower the busiest device involves it
-            for s1 in range(slots):
-                e1, p1 = a[g1, s1], per[a[g1, s1]]
-                # swaps: g1 gets p2 instead of p1, g2 gets p1 instead of p2
-                other = (dev_of != g1) & (flat != e1)
-                idx = np.flatnonzero(other)
-                if len(idx):
-                    delta = phy_per[idx] - p1
-                    new = np.broadcast_to(loads, (len(idx), num_devices)).copy()
-                    new[:, g1] += delta
-                    new[np.arange(len(idx)), dev_of[idx]] -= delta
-                    keys = np.column_stack([new.max(axis=1), (new ** 2).sum(axis=1)])
-                    j = int(np.lexsort((keys[:, 1], keys[:, 0]))[0])
-                    k = (float(keys[j, 0]), float(keys[j, 1]))
-                    if _better(k, best_key):
-                        best_key, best_move = k, ("swap", g1, s1, int(idx[j]))
-        # re-assignments, all slots at once: slot p's replica of e1 goes (e1 keeps cnt-1), a replica of
-        # e2 takes its place; that changes every device holding e1 or e2, so any slot may help
-        ps = np.flatnonzero(cnt[flat] >= 2)
-        if len(ps):
-            e1s, g1s = flat[ps], dev_of[ps]
-            rows = np.arange(len(ps))
-            base = loads[None, :] + copies[e1s] * (load[e1s] / (cnt[e1s] - 1) - per[e1s])[:, None]
-            base[rows, g1s] -= load[e1s] / (cnt[e1s] - 1)
-            new = base[:, None, :] + (copies * (load / (cnt + 1) - per)[:, None])[None]  # [slot, e2, device]
-            new[rows, :, g1s] += (load / (cnt + 1))[None, :]
-            mx = new.max(axis=2)
-            sq = (new ** 2).sum(axis=2)
-            mx[rows, e1s] = np.inf  # e2 == e1 is no move
-            order = np.lexsort((sq.reshape(-1), mx.reshape(-1)))[0]
-            i, e2 = divmod(int(order), num_experts)
-            k = (float(mx[i, e2]), float(sq[i, e2]))
-            if _better(k, best_key):
-                best_key, best_move = k, ("reassign", *divmod(int(ps[i]), slots), e2)
+        cnt = np.bincount(a.reshape(-1), minlength=len(load)).astype(np.float64)
+        loads = (load / cnt)[a].sum(axis=1)
+        best_key, best_move = _best_swap(a, load / cnt, loads, dev_of)
+        best_key, best_move = _best_reassign(a, load, cnt, loads, dev_of, best_key, best_move)
         if best_move is None:
             break
         kind, g1, s1, arg = best_move
         if kind == "swap":
-            g2, s2 = divmod(arg, slots)
+            g2, s2 = divmod(arg, a.shape[1])
             a[g1, s1], a[g2, s2] = a[g2, s2], a[g1, s1]
         else:
             a[g1, s1] = arg
     return a
+
+
+def _best_swap(a: np.ndarray, per: np.ndarray, loads: np.ndarray, dev_of: np.ndarray):
+    """The best swap of a replica on a busiest device (within tolerance) with one elsewhere:
+    `(key, ("swap", g1, s1, flat slot))`, or `(current key, None)` when none improves.
+    `per[e]`: tokens per replica of e; `loads[g]`: device tokens; `dev_of[flat slot]`: its device."""
+    flat = a.reshape(-1)
+    num_devices, slots = a.shape
+    cur = _key(loads)
+    best_key, best_move = cur, None
+    top = np.flatnonzero(loads >= cur[0] - _TOL * max(cur[0], 1.0))
+    phy_per = per[flat]
+    for g1 in top:  # a swap that can lower the busiest device involves it
+        for s1 in range(slots):
+            e1, p1 = a[g1, s1], per[a[g1, s1]]
+            # swaps: g1 gets p2 instead of p1, g2 gets p1 instead of p2
+            idx = np.flatnonzero((dev_of != g1) & (flat != e1))
+            if len(idx):
+                delta = phy_per[idx] - p1
+                new = np.broadcast_to(loads, (len(idx), num_devices)).copy()
+                new[:, g1] += delta
+                new[np.arange(len(idx)), dev_of[idx]] -= delta
+                keys = np.column_stack([new.max(axis=1), (new ** 2).sum(axis=1)])
+                j = int(np.lexsort((keys[:, 1], keys[:, 0]))[0])
+                k = (float(keys[j, 0]), float(keys[j, 1]))
+                if _better(k, best_key):
+                    best_key, best_move = k, ("swap", g1, s1, int(idx[j]))
+    return best_key, best_move
+
+
+def _best_reassign(a: np.ndarray, load: np.ndarray, cnt: np.ndarray, loads: np.ndarray, dev_of: np.ndarray,
+                   best_key, best_move):
+    """The best re-assignment if it beats `best_key`, else `(best_key, best_move)` unchanged.
+
+    All slots at once: slot p's replica of e1 goes (e1 keeps cnt-1), a replica of e2 takes its
+    place; that changes every device holding e1 or e2, so any slot may help."""
+    flat = a.reshape(-1)
+    num_experts = len(load)
+    per = load / cnt
+    ps = np.flatnonzero(cnt[flat] >= 2)
+    if not len(ps):
+        return best_key, best_move
+    copies = np.zeros((num_experts, a.shape[0]))  # physical replicas of e on g
+    np.add.at(copies, (flat, dev_of), 1.0)
+    e1s, g1s = flat[ps], dev_of[ps]
+    rows = np.arange(len(ps))
+    base = loads[None, :] + copies[e1s] * (load[e1s] / (cnt[e1s] - 1) - per[e1s])[:, None]
+    base[rows, g1s] -= load[e1s] / (cnt[e1s] - 1)
+    new = base[:, None, :] + (copies * (load / (cnt + 1) - per)[:, None])[None]  # [slot, e2, device]
+    new[rows, :, g1s] += (load / (cnt + 1))[None, :]
+    mx = new.max(axis=2)
+    sq = (new ** 2).sum(axis=2)
+    mx[rows, e1s] = np.inf  # e2 == e1 is no move
+    order = np.lexsort((sq.reshape(-1), mx.reshape(-1)))[0]
+    i, e2 = divmod(int(order), num_experts)
+    k = (float(mx[i, e2]), float(sq[i, e2]))
+    if _better(k, best_key):
+        return k, ("reassign", *divmod(int(ps[i]), a.shape[1]), e2)
+    return best_key, best_move
 
 
 def physical_map(plan: Plan, loads: np.ndarray) -> np.ndarray:

@@ -101,12 +101,9 @@ def moe_apply(h: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, store, x: 
     if len(perm):
         perm_t = torch.from_numpy(perm).to(h.device)
         xs = recv[perm_t]
-        ys, o = [], 0
-        for (slot, _), n in zip(slots, sizes.tolist()):
-            if n:
-                ys.append(store.run(slot, xs[o:o + n]))
-                o += n
-        y = torch.cat(ys)
+        cuts = np.cumsum(sizes) - sizes
+        y = torch.cat(store.run_slots([(slot, xs[o:o + n]) for (slot, _), o, n
+                                       in zip(slots, cuts.tolist(), sizes.tolist()) if n]))
         y_recv = y[torch.argsort(perm_t)]
     else:
         y_recv = recv.new_zeros(recv.shape) * recv.sum()  # keeps the graph for the reverse exchange

@@ -11,6 +11,8 @@ stacked tensors. An expert travels (gradient, weights, optimizer moments) as one
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -67,6 +69,9 @@ class ExpertSlots:
         self.stacked = [torch.zeros((n,) + tuple(p.shape), dtype=p.dtype, device=device).requires_grad_()
                         for _, p in named]
         self.params = sum(p.numel() for _, p in named)
+        # Optional observer, called as on_run(slot, tokens) for every slot run (experiments count
+        # the tokens each expert computed with it); None in training.
+        self.on_run: Callable[[int, int], None] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return self.stacked
@@ -96,7 +101,19 @@ class ExpertSlots:
 
     def run(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """The expert in one slot on tokens `x`; autograd reaches the stacked weights."""
-        return functional_call(self.template, {n: t[slot] for n, t in zip(self.names, self.stacked)}, (x,))
+        return self.run_slots([(slot, x)])[0]
+
+    def run_slots(self, jobs: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each `(slot, tokens)` job's expert output, in order. The slots' weights come from one
+        `unbind` of each stacked tensor: backward then stacks the slots' gradients once, where
+        indexing `t[slot]` per slot would zero-fill a whole-tensor gradient for every slot used."""
+        views = [t.unbind(0) for t in self.stacked]
+        out = []
+        for slot, x in jobs:
+            if self.on_run is not None:
+                self.on_run(slot, x.shape[0])
+            out.append(functional_call(self.template, {n: v[slot] for n, v in zip(self.names, views)}, (x,)))
+        return out
 
 
 class SlotStore(ExpertSlots):

@@ -114,6 +114,7 @@ JSON_READERS = [("c.json", ["show", "plan-c", "compare-c", "train-c"]), ("p.json
                 ("t.json", ["stats", "plan-t", "compare-t"])]
 
 
+# Long only as a table: one row per hostile file, grouped by the file it breaks; no logic to split.
 def _cases():
     """(id, class, file name, mutation(dir, path), commands, expected words or None)."""
     out = []

@@ -16,6 +16,7 @@ from runtime.defaults import REPLAN_THRESHOLD
 Opt = typer.Option
 
 
+# Long only by its signature: one typed option per line is the CLI's help table; the body is ~15 lines.
 def train_cmd(
     world_size: Annotated[int, Opt("--world-size", help="local gloo processes to spawn (ignored under torchrun)")] = 2,
     steps: Annotated[int, Opt(help="training steps")] = 200,
