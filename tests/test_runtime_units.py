@@ -32,6 +32,26 @@ def test_moe_apply_single_process_matches_direct_computation():
     assert store.w1.grad is not None and store.w1.grad.abs().sum() > 0
 
 
+def test_expert_slots_run_each_slot_with_its_own_weights_and_gradients():
+    """The reference is the plain formula on slot j's own tensors, not `ExpertSlots.run`, so a
+    slot mix-up in `run_slots` (or in `run`, which goes through it) cannot cancel out."""
+    torch.manual_seed(0)
+    d, f, E = 6, 10, 3
+    store = SlotStore(d, f, np.arange(E))
+    w = init_experts(E, d, f, torch.Generator().manual_seed(2))
+    for e in range(E):
+        store.load_flat(e, w[e] + 0.1 * e)
+    xs = [torch.randn(n, d) for n in (4, 1, 3)]
+    outs = store.run_slots([(j, xs[j]) for j in (2, 0, 1)])
+    sum(o.square().sum() for o in outs).backward()
+    ref = [torch.nn.functional.gelu(xs[j] @ store.w1[j] + store.b1[j]) @ store.w2[j] + store.b2[j] for j in range(E)]
+    for o, j in zip(outs, (2, 0, 1)):
+        assert torch.allclose(o, ref[j], atol=1e-6)
+    grads = torch.autograd.grad(sum(r.square().sum() for r in ref), store.stacked)
+    for mine, expected in zip(store.stacked, grads):
+        assert torch.allclose(mine.grad, expected, atol=1e-5)
+
+
 def test_flat_adamw_matches_torch():
     torch.manual_seed(0)
     p = torch.randn(50)
