@@ -257,9 +257,9 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
             st.apply(e, row, own)
         best, moves = obj, moves + 1
     # the estimator judges: start, greedy, greedy with levelled shares, wrap-around construction
-    gx = st.x.copy()
-    cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), st.owner.copy()),
-             ("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), st.owner.copy())]
+    gx, go = st.x.copy(), st.owner.copy()
+    cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), go),
+             ("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), go)]
     mx, ms = mcnaughton(cluster, load)
     cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
     if num_experts * cluster.num_devices <= HIERARCHICAL_CELLS:
@@ -285,12 +285,15 @@ def judge(cluster: Cluster, counts, cands, current, interval):
     a, b = cluster.compute_a, cluster.compute_b
     bound = [float((a * x.sum(axis=0) + b * (load[:, None] * s).sum(axis=0)).max()) for _, x, s, _ in cands]
     best, objs, found = (np.inf, len(cands)), {}, None
+    migration = {}  # by (x, owner): candidates that differ only in shares share it
     for i in sorted(range(len(cands)), key=bound.__getitem__):
         name, x, s, o = cands[i]
         if bound[i] > best[0] * (1 + PRUNE_MARGIN):
             objs[name] = None
             continue
-        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval)
+        key = (x.tobytes(), np.asarray(o).tobytes())
+        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval, migration.get(key))
+        migration[key] = v.migration_s
         objs[name] = v.objective
         if (v.objective, i) < best:
             best, found = (v.objective, i), v

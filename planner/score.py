@@ -70,10 +70,12 @@ def objective(cluster: Cluster, counts, x, share, owner, current, interval) -> f
     return verdict(cluster, counts, x, share, owner, current, interval).objective
 
 
-def verdict(cluster: Cluster, counts, x, share, owner, current, interval) -> Verdict:
-    """`objective`'s numbers, kept for `finish`."""
-    return Verdict(share, owner, estimate(cluster, counts, x, share, owner),
-                   migration_s(cluster, current, x, owner, interval))
+def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migration: float | None = None) -> Verdict:
+    """`objective`'s numbers, kept for `finish`; `migration`: `migration_s` of this `x` and `owner`
+    if the caller has it already (it does not depend on the shares)."""
+    if migration is None:
+        migration = migration_s(cluster, current, x, owner, interval)
+    return Verdict(share, owner, estimate(cluster, counts, x, share, owner), migration)
 
 
 def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: LayerPlan | None) -> np.ndarray:
