@@ -32,9 +32,10 @@ def _wrap(load, order, a, b, slots, target, light):
     slots run out first. Plain Python lists: this runs inside a binary search."""
     rem = list(load)  # by expert
     pieces = []
+    put = pieces.append
     lo, hi = 0, len(order) - 1  # heavy end at lo, light end at hi
-    for g in range(len(slots)):
-        cap, k, ag, bg = target, slots[g], a[g], b[g]
+    for g, k in enumerate(slots):
+        cap, ag, bg = target, a[g], b[g]
         for _ in range(min(light, k - 1)):
             if hi <= lo:
                 break
@@ -42,20 +43,23 @@ def _wrap(load, order, a, b, slots, target, light):
             cost = ag + bg * rem[e]
             if cost > cap:
                 break
-            pieces.append((e, g, rem[e]))
-            cap, k, hi = cap - cost, k - 1, hi - 1
+            put((e, g, rem[e]))
+            cap -= cost
+            k -= 1
+            hi -= 1
         while k > 0 and lo <= hi:
             e = order[lo]
             cost = ag + bg * rem[e]
             if cost <= cap + 1e-15:
-                pieces.append((e, g, rem[e]))
-                cap, k, lo = cap - cost, k - 1, lo + 1
+                put((e, g, rem[e]))
+                cap -= cost
+                k -= 1
+                lo += 1
             else:
                 part = (cap - ag) / bg
                 if part > 0:
-                    pieces.append((e, g, part))
+                    put((e, g, part))
                     rem[e] -= part
-                    k -= 1
                 break
     return pieces if lo > hi else None
 
@@ -74,7 +78,8 @@ def wrap_tokens(load_arr: np.ndarray, a: np.ndarray, b: np.ndarray, slots: np.nd
                 lights=None) -> tuple[np.ndarray, np.ndarray]:
     """Wrap-around on the devices given by arrays `a`, `b`, `slots`: (x[e, g], tokens[e, g]).
     `lights`: light-item counts to try (default 0, 1, half and all but one of the slots)."""
-    lb = max((load_arr.sum() + len(load_arr) * (a / b).min()) / (1.0 / b).sum(), 1e-12)
+    # Python floats, not numpy scalars, in the search: the same IEEE arithmetic, several times faster
+    lb = float(max((load_arr.sum() + len(load_arr) * (a / b).min()) / (1.0 / b).sum(), 1e-12))
     order = np.argsort(-load_arr, kind="stable").tolist()
     load, a, b, slots = load_arr.tolist(), np.asarray(a).tolist(), np.asarray(b).tolist(), np.asarray(slots).tolist()
     best = None

@@ -21,7 +21,7 @@ from cost_models.cluster import Cluster
 from cost_models.estimator import A2A_PHASES, SYNC_PHASES, estimate
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
-from planner.score import even_shares, objective, pick_owner
+from planner.score import clean_shares, even_shares, pick_owner, verdict
 
 BALANCE_THRESHOLD = 1.02  # stop once the busiest device has at most 2% over the mean tokens
 MIN_GAIN = 1e-9  # seconds: a move must beat this to count
@@ -220,6 +220,12 @@ def _expand_into_shrink(st: _State, best, width: int = 3):
 def greedy(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, interval: int = 50,
            threshold: float = BALANCE_THRESHOLD, max_moves: int | None = None):
     """(x, share, owner, info): the policy maker's plan, judged by the estimator at the end."""
+    return greedy_judged(cluster, counts, current, interval=interval, threshold=threshold, max_moves=max_moves)[:4]
+
+
+def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, interval: int = 50,
+                  threshold: float = BALANCE_THRESHOLD, max_moves: int | None = None):
+    """`greedy`'s (x, share, owner, info) and the estimator's `score.Verdict` on that plan."""
     load = counts.sum(axis=0).astype(np.float64)
     num_experts = len(load)
     start = current if current is not None else static_layer(num_experts, cluster.slots)
@@ -251,9 +257,9 @@ def greedy(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = Non
             st.apply(e, row, own)
         best, moves = obj, moves + 1
     # the estimator judges: start, greedy, greedy with levelled shares, wrap-around construction
-    gx = st.x.copy()
-    cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), st.owner.copy()),
-             ("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), st.owner.copy())]
+    gx, go = st.x.copy(), st.owner.copy()
+    cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), go),
+             ("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), go)]
     mx, ms = mcnaughton(cluster, load)
     cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
     if num_experts * cluster.num_devices <= HIERARCHICAL_CELLS:
@@ -263,26 +269,32 @@ def greedy(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = Non
             # the same placement with owners that spread the syncs over the slow link
             base = estimate(cluster, counts, hx, hs).total  # seconds without sync
             cands.append((name + "/owners", hx, hs, spread_owners(cluster, hx, base, own)))
-    i, objs = judge(cluster, counts, cands, current, interval)
+    i, objs, best = judge(cluster, counts, cands, current, interval)
     name, x, share, owner = cands[i]
     return x, share, owner, {"solver": "greedy", "status": "heuristic", "moves_tried": moves, "picked": name,
-                             "candidates": objs}
+                             "candidates": objs}, best
 
 
 def judge(cluster: Cluster, counts, cands, current, interval):
-    """(index of the best, {name: objective}) of candidates (name, x, share, owner) by the
-    estimator's objective, ties to the first. A candidate whose compute time alone (a lower bound
+    """(index of the best, {name: objective}, the best's `score.Verdict`) of candidates (name, x,
+    share, owner) by the estimator's objective on the shares the plan would report
+    (`score.clean_shares`), ties to the first. A candidate whose compute time alone (a lower bound
     on its step) exceeds the best objective found so far cannot win: it is not estimated and
     its objective reads None. Candidates are estimated in the order of that bound."""
     load = np.asarray(counts, dtype=np.float64).sum(axis=0)
     a, b = cluster.compute_a, cluster.compute_b
     bound = [float((a * x.sum(axis=0) + b * (load[:, None] * s).sum(axis=0)).max()) for _, x, s, _ in cands]
-    best, objs = (np.inf, len(cands)), {}
+    best, objs, found = (np.inf, len(cands)), {}, None
+    migration = {}  # by (x, owner): candidates that differ only in shares share it
     for i in sorted(range(len(cands)), key=bound.__getitem__):
         name, x, s, o = cands[i]
         if bound[i] > best[0] * (1 + PRUNE_MARGIN):
             objs[name] = None
             continue
-        objs[name] = objective(cluster, counts, x, s, o, current, interval)
-        best = min(best, (objs[name], i))
-    return best[1], {name: objs[name] for name, *_ in cands}
+        key = (x.tobytes(), np.asarray(o).tobytes())
+        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval, migration.get(key))
+        migration[key] = v.migration_s
+        objs[name] = v.objective
+        if (v.objective, i) < best:
+            best, found = (v.objective, i), v
+    return best[1], {name: objs[name] for name, *_ in cands}, found

@@ -7,11 +7,12 @@ Solvers search with their own cheap models; the numbers a plan reports always co
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import estimate, fold_sources, lower_bound, migration_time, migration_transfers
+from cost_models.estimator import Breakdown, estimate, fold_sources, lower_bound, migration_time, migration_transfers
 from cost_models.files import InputError
 from planner import bounds
 from planner.plan import LayerPlan
@@ -49,9 +50,32 @@ def migration_s(cluster: Cluster, current: LayerPlan | None, x, owner, interval:
     return migration_time(cluster, t) / interval
 
 
+class Verdict(NamedTuple):
+    """The estimator's numbers for one placement with exactly these (cleaned) `share` and `owner`:
+    a solver that already scored the plan it returns hands them to `finish`, which then does not
+    estimate again."""
+
+    share: np.ndarray
+    owner: np.ndarray
+    estimate: Breakdown
+    migration_s: float
+
+    @property
+    def objective(self) -> float:
+        return self.estimate.step_time + self.migration_s
+
+
 def objective(cluster: Cluster, counts, x, share, owner, current, interval) -> float:
     """Estimated step time plus amortised migration: what every solver is judged by."""
-    return estimate(cluster, counts, x, share, owner).step_time + migration_s(cluster, current, x, owner, interval)
+    return verdict(cluster, counts, x, share, owner, current, interval).objective
+
+
+def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migration: float | None = None) -> Verdict:
+    """`objective`'s numbers, kept for `finish`; `migration`: `migration_s` of this `x` and `owner`
+    if the caller has it already (it does not depend on the shares)."""
+    if migration is None:
+        migration = migration_s(cluster, current, x, owner, interval)
+    return Verdict(share, owner, estimate(cluster, counts, x, share, owner), migration)
 
 
 def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: LayerPlan | None) -> np.ndarray:
@@ -86,15 +110,20 @@ def clean_shares(x: np.ndarray, share: np.ndarray) -> np.ndarray:
     return np.where(tot > EPS, s / np.maximum(tot, EPS), even_shares(x))
 
 
-def finish(cluster: Cluster, counts, x, share, owner, current, interval, layer_id, info) -> LayerPlan:
-    """Turn a solver's matrices into a validated LayerPlan whose info holds the estimator's numbers."""
+def finish(cluster: Cluster, counts, x, share, owner, current, interval, layer_id, info,
+           known: Verdict | None = None) -> LayerPlan:
+    """Turn a solver's matrices into a validated LayerPlan whose info holds the estimator's numbers.
+    `known`: the solver's own verdict on this placement, used only where its shares and owner are
+    exactly those the plan ends up with (cleaned), so the numbers are the same either way."""
     t0 = time.perf_counter()
     x = np.asarray(x, bool)
     share = clean_shares(x, share)
     if owner is None:
         owner = pick_owner(cluster, x, share, current)
-    est = estimate(cluster, counts, x, share, owner)
-    mig = migration_s(cluster, current, x, owner, interval)
+    if known is not None and np.array_equal(known.share, share) and np.array_equal(known.owner, owner):
+        est, mig = known.estimate, known.migration_s
+    else:
+        est, mig = estimate(cluster, counts, x, share, owner), migration_s(cluster, current, x, owner, interval)
     lb = lower_bound(cluster, counts)
     obj = est.step_time + mig
     info = dict(info)

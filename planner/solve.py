@@ -49,7 +49,8 @@ def plan_layer(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None =
     t0 = time.perf_counter()
     placed = SOLVERS[solver](cluster, counts, current, options)
     info = dict(placed.info, solve_time_s=time.perf_counter() - t0, objective_kind="time")
-    return score.finish(cluster, counts, placed.x, placed.share, placed.owner, current, interval, layer_id, info)
+    return score.finish(cluster, counts, placed.x, placed.share, placed.owner, current, interval, layer_id, info,
+                        placed.verdict)
 
 
 def make_plan(cluster: Cluster, loads: np.ndarray, current: Plan | None = None, **kw) -> Plan:

@@ -17,8 +17,9 @@ import numpy as np
 from cost_models.cluster import Cluster
 from cost_models.files import InputError
 from planner import baselines
-from planner.greedy import greedy
+from planner.greedy import greedy_judged
 from planner.plan import LayerPlan, static_layer
+from planner.score import Verdict
 
 
 class Placement(NamedTuple):
@@ -29,12 +30,14 @@ class Placement(NamedTuple):
     let `planner.score.pick_owner` choose. `info` holds `solver` and `status`, and may hold
     `fallback` (bool), `bound_s` with `bound_valid` (a solver's own lower bound and whether it bounds
     the estimator's objective), and solver-specific keys; `finish` adds the estimator's numbers
-    (the plan file's `info`, docs/CONTRACTS.md)."""
+    (the plan file's `info`, docs/CONTRACTS.md). `verdict`: the estimator's numbers where the solver
+    already scored this very placement (greedy does, to pick it), so `finish` need not again."""
 
     x: np.ndarray
     share: np.ndarray
     owner: np.ndarray | None
     info: dict
+    verdict: Verdict | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def _static(cluster: Cluster, counts: np.ndarray, current, options: SolveOptions
 
 
 def _capacity(cluster: Cluster, counts: np.ndarray, current, options: SolveOptions) -> Placement:
-    x, share, owner, _ = _static(cluster, counts, current, options)
+    x, share, owner = _static(cluster, counts, current, options)[:3]
     factor = baselines.CAPACITY_FACTOR
     _, dropped = baselines.drop_over_capacity(counts, x, share, factor)
     return Placement(x, share, owner, {"solver": "capacity", "status": "constructed", "capacity_factor": factor,
@@ -78,7 +81,7 @@ def _eplb(cluster: Cluster, counts: np.ndarray, current, options: SolveOptions) 
 
 
 def _greedy(cluster: Cluster, counts: np.ndarray, current, options: SolveOptions) -> Placement:
-    return Placement(*greedy(cluster, counts, current, interval=options.interval))
+    return Placement(*greedy_judged(cluster, counts, current, interval=options.interval))
 
 
 def _ilp(cluster: Cluster, counts: np.ndarray, current, options: SolveOptions) -> Placement:
