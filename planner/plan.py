@@ -66,15 +66,19 @@ class LayerPlan:
     def from_matrices(cls, x: np.ndarray, share: np.ndarray, owner: np.ndarray, max_slots: int,
                       layer_id: int = 0, info: dict | None = None) -> "LayerPlan":
         """Build from [experts, devices] replica and share matrices, filling slots in expert order."""
+        x = np.asarray(x, dtype=bool)
         num_experts, num_devices = x.shape
+        held = x.sum(axis=0)
+        over = np.flatnonzero(held > max_slots)
+        if len(over):
+            g = over[0]
+            raise InputError(f"device {g} would hold {held[g]} replicas but has {max_slots} slots")
+        es, gs = np.nonzero(x)
+        slot = (np.cumsum(x, axis=0) - 1)[es, gs]  # a replica's rank among its device's experts
         assign = np.full((num_devices, max_slots), EMPTY, dtype=np.int64)
         shares = np.zeros((num_devices, max_slots))
-        for g in range(num_devices):
-            experts = np.flatnonzero(x[:, g])
-            if len(experts) > max_slots:
-                raise InputError(f"device {g} would hold {len(experts)} replicas but has {max_slots} slots")
-            assign[g, :len(experts)] = experts
-            shares[g, :len(experts)] = share[experts, g]
+        assign[gs, slot] = es
+        shares[gs, slot] = np.asarray(share)[es, gs]
         return cls(assign, shares, np.asarray(owner), layer_id, dict(info or {}))
 
     def validate(self, slots: np.ndarray, where: str = "") -> None:
@@ -93,12 +97,15 @@ class LayerPlan:
             g, s = np.argwhere(bad)[0]
             raise InputError(f"{prefix}device {g} slot {s} holds expert {self.assign[g, s]}, "
                              f"outside 0..{num_experts - 1}")
-        for g in range(num_devices):
-            if (self.assign[g, slots[g]:] != EMPTY).any():
+        beyond = np.arange(max_slots)[None, :] >= np.asarray(slots)[:, None]
+        too_many = ((self.assign != EMPTY) & beyond).any(axis=1)
+        srt = np.sort(self.assign, axis=1)
+        twice = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] != EMPTY)).any(axis=1)
+        if (too_many | twice).any():
+            g = int(np.flatnonzero(too_many | twice)[0])  # the first device at fault, as a loop would say
+            if too_many[g]:
                 raise InputError(f"{prefix}device {g} uses more than its {slots[g]} slots")
-            row = self.assign[g][self.assign[g] != EMPTY]
-            if len(set(row.tolist())) != len(row):
-                raise InputError(f"{prefix}device {g} holds two replicas of one expert")
+            raise InputError(f"{prefix}device {g} holds two replicas of one expert")
         if not np.isfinite(self.share).all() or (self.share < 0).any():
             raise InputError(f"{prefix}shares must be finite and non-negative")
         if (self.share[self.assign == EMPTY] != 0).any():

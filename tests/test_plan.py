@@ -91,6 +91,33 @@ def test_eplb_file_round_trip_and_duplicates(tmp_path):
             from_eplb(np.array([[0, 1, bad, 2]]), 2, num_experts=3)
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), experts=st.integers(1, 12), devices=st.integers(1, 6))
+def test_from_matrices_fills_each_device_in_expert_order(seed, experts, devices):
+    rng = np.random.default_rng(seed)
+    x = rng.random((experts, devices)) < 0.5
+    share = np.where(x, rng.random((experts, devices)), 0.0)
+    max_slots = max(int(x.sum(axis=0).max()), 1) + 1
+    lp = LayerPlan.from_matrices(x, share, np.zeros(experts, dtype=np.int64), max_slots)
+    for g in range(devices):  # the plain reading of the rule
+        held = np.flatnonzero(x[:, g])
+        assert lp.assign[g].tolist() == held.tolist() + [EMPTY] * (max_slots - len(held))
+        assert lp.share[g].tolist() == share[held, g].tolist() + [0.0] * (max_slots - len(held))
+    if x.sum(axis=0).max() > 0:
+        with pytest.raises(InputError, match="would hold"):
+            LayerPlan.from_matrices(x, share, np.zeros(experts, dtype=np.int64), int(x.sum(axis=0).max()) - 1)
+
+
+def test_validation_names_the_first_device_at_fault():
+    lp = static_layer(4, np.array([3, 3]))
+    lp.assign[1] = [1, 1, EMPTY]  # device 1: twice expert 1
+    lp.assign[0] = [0, 2, 3]  # device 0: one slot more than it has
+    with pytest.raises(InputError, match="device 0 uses more than its 2 slots"):
+        lp.validate(np.array([2, 3]))
+    with pytest.raises(InputError, match="device 1 holds two replicas"):
+        lp.validate(np.array([3, 3]))
+
+
 def test_validation_catches_each_defect():
     slots = np.array([2, 2])
     good = LayerPlan([[0, 1], [2, EMPTY]], [[1.0, 0.5], [1.0, 0.0]], [0, 0, 1])
