@@ -17,6 +17,7 @@ import numpy as np
 
 from cost_models.files import (InputError, check_schema, finite_number, read_json, whole_number,
                                write_json_atomic)
+from cost_models.routing import dense_nodes
 
 SCHEMA = "flexmoe.cluster/1"
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
@@ -141,7 +142,7 @@ class Cluster:
     @cached_property
     def node_index(self) -> np.ndarray:
         """[G] each device's node numbered 0..K-1 (a cluster file's node ids may be any integers)."""
-        return np.unique(self.node_of, return_inverse=True)[1].reshape(-1)
+        return dense_nodes(self.node_of)
 
     @cached_property
     def node_onehot(self) -> np.ndarray:

@@ -28,6 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def dense_nodes(nodes) -> np.ndarray:
+    """Node ids numbered 0..K-1 (a cluster file's ids may be any integers): `Cluster.node_index`
+    for callers that hold only the node array."""
+    return np.unique(np.asarray(nodes), return_inverse=True)[1].reshape(-1)
+
+
 def apportion(total, weights: np.ndarray) -> np.ndarray:
     """Whole numbers summing to `total` in proportion to `weights`, by largest remainder (ties by
     index); rows at a time: `total[R]` with `weights[R, n]`, or a scalar with `weights[n]`."""
@@ -160,7 +166,7 @@ def _route_multi(c, dev, valid, share, nodes, whole):
     cap = demand - tokens.sum(axis=1)
     # 2. inside each node
     if nodes is not None:
-        node = np.unique(np.asarray(nodes), return_inverse=True)[1].reshape(-1)
+        node = dense_nodes(nodes)
         rep_node = np.where(valid, node[cols], -1)
         for k in range(int(node.max()) + 1):
             src_in, rep_in = node == k, rep_node == k  # [S], [E, J]
@@ -196,7 +202,7 @@ def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None
     local = np.minimum(c, demand)  # 1. own replica
     rest, cap = c - local, demand - local
     if nodes is not None:  # 2. inside each node: min(rest, cap) of the node moves, in proportion
-        node = np.unique(np.asarray(nodes), return_inverse=True)[1].reshape(-1)
+        node = dense_nodes(nodes)
         onehot = np.eye(int(node.max()) + 1)[node]  # [G, K]
         r_node, c_node = rest @ onehot, cap @ onehot  # [E, K]
         m_node = np.maximum(r_node, c_node)

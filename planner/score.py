@@ -83,14 +83,12 @@ def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: Laye
     dearest transfer); otherwise the replica with the most replicas of its expert on its node
     (sync stays intra-node), then the largest share."""
     x = np.asarray(x, bool)
-    node = cluster.node_of
     owner = np.zeros(x.shape[0], dtype=np.int64)
     todo = np.ones(x.shape[0], dtype=bool)
     if current is not None:
         keep = x[np.arange(x.shape[0]), current.owner]
         owner[keep], todo = current.owner[keep], ~keep
-    onehot = np.eye(int(node.max()) + 1)[node]  # [G, nodes]
-    same = np.take(x @ onehot, node, axis=1)  # replicas of each expert on each device's node
+    same = np.take(x @ cluster.node_onehot, cluster.node_index, axis=1)  # replicas of each expert on each device's node
     key = np.where(x, same * 10.0 + share, -np.inf)
     owner[todo] = np.argmax(key[todo], axis=1)
     return owner

@@ -173,7 +173,7 @@ MUTATIONS = [
              '"greedy": _greedy,', '"greedy": _static,',
              ("tests/test_solvers.py",), "the registry's name runs another solver"),
     Mutation("node-index-not-dense", "cost_models/cluster.py",
-             "        return np.unique(self.node_of, return_inverse=True)[1].reshape(-1)\n",
+             "        return dense_nodes(self.node_of)\n",
              "        return self.node_of\n",
              ("tests/test_cluster.py",), "per-node sums index a node one-hot by raw node ids"),
     # --- experiments and the command line --------------------------------------------------------
