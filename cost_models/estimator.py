@@ -193,6 +193,15 @@ def migration_time(cluster: Cluster, transfers: list[tuple[int, int, int, str, i
     return float((np.maximum(si, ri) + np.maximum(so, ro) + latency).max())
 
 
+def compute_makespan(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndarray) -> float:
+    """The slowest device's compute alone, seconds: what per-step shares minimise, and a lower
+    bound on the estimated step of a placement with these shares."""
+    x = np.asarray(x, dtype=bool)
+    total = fold_sources(counts, x.shape[1]).sum(axis=0)
+    tokens = (total[:, None] * share).sum(axis=0)
+    return float((cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens).max())
+
+
 def lower_bound(cluster: Cluster, counts: np.ndarray) -> float:
     """Perfect balance, no communication: sum_g T/b_g >= tokens + (experts) * min_g a_g/b_g."""
     counts = np.asarray(counts, dtype=np.float64)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, SYNC_PHASES, estimate
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES, compute_makespan, estimate
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
 from planner.score import clean_shares, even_shares, pick_owner, verdict
@@ -281,9 +281,7 @@ def judge(cluster: Cluster, counts, cands, current, interval):
     (`score.clean_shares`), ties to the first. A candidate whose compute time alone (a lower bound
     on its step) exceeds the best objective found so far cannot win: it is not estimated and
     its objective reads None. Candidates are estimated in the order of that bound."""
-    load = np.asarray(counts, dtype=np.float64).sum(axis=0)
-    a, b = cluster.compute_a, cluster.compute_b
-    bound = [float((a * x.sum(axis=0) + b * (load[:, None] * s).sum(axis=0)).max()) for _, x, s, _ in cands]
+    bound = [compute_makespan(cluster, counts, x, s) for _, x, s, _ in cands]
     best, objs, found = (np.inf, len(cands)), {}, None
     migration = {}  # by (x, owner): candidates that differ only in shares share it
     for i in sorted(range(len(cands)), key=bound.__getitem__):

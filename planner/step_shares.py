@@ -106,14 +106,6 @@ def _request(x: np.ndarray, b: np.ndarray, multi: np.ndarray):
         model=model, solver_type=linear_solver_pb2.MPModelRequest.GLOP_LINEAR_PROGRAMMING)
 
 
-def step_makespan(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndarray) -> float:
-    """What `StepShares` minimises, for any shares: the slowest device's compute, seconds."""
-    x = np.asarray(x, dtype=bool)
-    total = fold_sources(counts, x.shape[1]).sum(axis=0)
-    tokens = (total[:, None] * share).sum(axis=0)
-    return float((cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens).max())
-
-
 DISPATCH_MODES = ("adaptive", "plan")
 CACHE_SIZE = 256  # placements whose LP is kept: two plans of a 61-layer model, with room
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cost_models.cluster import ComputeModel, Link
-from cost_models.estimator import estimate
+from cost_models.estimator import compute_makespan, estimate
 from cost_models.presets import local_cpu
-from planner.step_shares import ShareRule, StepShares, step_makespan
+from planner.step_shares import ShareRule, StepShares
 
 
 def cluster_of(num_dev, rng):
@@ -68,7 +68,7 @@ def test_lp_makespan_is_the_optimum(seed, num_dev, num_exp):
     share = lp.solve(counts)
     best = flow_makespan(cluster, counts, x)
     assert lp.makespan() == pytest.approx(best, rel=1e-6)
-    assert step_makespan(cluster, counts, x, share) == pytest.approx(best, rel=1e-6)
+    assert compute_makespan(cluster, counts, x, share) == pytest.approx(best, rel=1e-6)
     assert np.allclose(share.sum(axis=1), 1.0) and (share >= 0).all()
     assert (share[~x] == 0).all()
 
@@ -94,7 +94,7 @@ def test_per_step_shares_beat_stale_plan_shares():
     rule = ShareRule(cluster)
     fresh = rule(counts, x, stale)
     assert fresh is not stale and rule.stats()["adapted"] == 1
-    assert step_makespan(cluster, counts, x, fresh) <= step_makespan(cluster, counts, x, stale) + 1e-12
+    assert compute_makespan(cluster, counts, x, fresh) <= compute_makespan(cluster, counts, x, stale) + 1e-12
     assert estimate(cluster, counts, x, fresh).step_time <= estimate(cluster, counts, x, stale).step_time
     assert ShareRule(cluster, "plan")(counts, x, stale) is stale
 
