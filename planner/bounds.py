@@ -166,6 +166,13 @@ def _scale(cluster: Cluster, counts: np.ndarray) -> _Scale:
     return _Scale(max(float(counts.sum()), 1.0) / 1000.0, max(compute_bound(cluster, counts), 1e-12) / 1000.0)
 
 
+def _replica_caps(cluster: Cluster, upper: float | None, U: float) -> np.ndarray:
+    """Blocks one replica on each device can serve within `upper` seconds (inf without it)."""
+    if upper is None:
+        return np.full(cluster.num_devices, np.inf)
+    return np.maximum((upper - latency(cluster) - cluster.compute_a) / cluster.compute_b, 0.0) / U
+
+
 def _finite_class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
     """`_class_costs` with 0 where a device has no link of the class (it sends nothing over it)."""
     ci, co = _class_costs(cluster)
@@ -210,6 +217,7 @@ class Relaxation:
             raise RuntimeError(f"OR-Tools has no {backend} solver here")
         self.solver = s
         self.c = counts.T / self.U  # [E, G] blocks from each source
+        self.cap = _replica_caps(cluster, upper, self.U)
         self._placement(integer)
         ports = self._ports()
         T = s.NumVar(0, s.infinity(), "T")
@@ -222,17 +230,10 @@ class Relaxation:
         s.Minimize(obj)
         self.T = T
 
-    def _cap(self) -> np.ndarray:
-        """Blocks one replica on each device can serve within `upper` (inf without it)."""
-        cl = self.cluster
-        if self.upper is None:
-            return np.full(self.G, np.inf)
-        return np.maximum((self.upper - latency(cl) - cl.compute_a) / cl.compute_b, 0.0) / self.U
-
     def _placement(self, integer: bool) -> None:
         """Replicas `x`, owners `o`, blocks served `y` and kept local `l`, with their links."""
         s, G, E, c = self.solver, self.G, self.E, self.c
-        L, cap = c.sum(axis=1), self._cap()
+        L, cap = c.sum(axis=1), self.cap
         var = s.BoolVar if integer else (lambda name: s.NumVar(0, 1, name))
         x = [[var("") for _ in range(G)] for _ in range(E)]
         o = [[var("") for _ in range(G)] for _ in range(E)]
@@ -271,7 +272,7 @@ class Relaxation:
         """Blocks of each expert leaving a node come from its sources' unserved tokens, those
         entering are served by its replicas; they differ by demand less service."""
         s, E, c, l, y = self.solver, self.E, self.c, self.l, self.y
-        L, cap = c.sum(axis=1), self._cap()
+        L, cap = c.sum(axis=1), self.cap
         out_t, in_t = [], []
         for e in range(E):
             s_o = [s.NumVar(0, float(c[e, g]), "") for g in devs]
@@ -473,13 +474,11 @@ class NodeRelaxation:
         self.per_dev = np.array([int(min(len(d), cl.slots[d].sum())) for d in devs])  # replicas of one expert
         self.D = np.stack([c[:, d].sum(axis=1) for d in devs], axis=1)  # [E, K]
         self.Ktop = np.array([sum(np.sort(c[:, g])[::-1][:int(cl.slots[g])].sum() for g in d) for d in devs])
-        self.cap = np.full(K, np.inf)
-        if self.upper is not None:
-            self.cap = np.array([np.maximum((self.upper - lat[d] - a[d]) / b[d], 0.0).max() for d in devs]) / U
-        ci, co = _class_costs(cl)
-        fin = lambda v: np.where(np.isfinite(v), v, 0.0)
-        self.ci_k = np.array([fin(ci[d]).min() for d in devs])
-        self.co_k = np.array([fin(co[d]).min() for d in devs])
+        caps = _replica_caps(cl, self.upper, U)
+        self.cap = np.array([caps[d].max() for d in devs])  # the node's most capable device
+        ci, co = _finite_class_costs(cl)
+        self.ci_k = np.array([ci[d].min() for d in devs])
+        self.co_k = np.array([co[d].min() for d in devs])
         self.floor_c = np.array([float((lat[d] + a[d]).min()) for d in devs]) / tau  # a replica's fixed time
         self.bu = np.array([float(b[d].min()) for d in devs]) * U / tau  # time units per block
 
