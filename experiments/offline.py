@@ -49,10 +49,9 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     ex, es = eplb(load, cluster.slots, cluster.node_of)
     plans["eplb"] = (ex, es, pick_owner(cluster, ex, es, current))
     obj = {k: objective(cluster, counts, *p, current, interval) for k, p in plans.items()}
-    upper = min(obj.values())
     bound, status = bounds.quick_bound(cluster, counts), "none"
     if cluster.num_nodes > 1:
-        bound, status = _node_bound(cluster, counts, current, interval, budget, upper, bound, plans, obj)
+        bound, status = _node_bound(cluster, counts, current, interval, budget, bound, plans, obj)
     # every plan so far polished (owners re-picked, shares from the relaxation's LP): candidates
     # and hints; the policies' own objectives stay as they are
     for name in [k for k in plans if not k.startswith("nodes")]:  # node plans come polished
@@ -81,7 +80,7 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     return out
 
 
-def _node_bound(cluster, counts, current, interval, budget, upper, bound, plans, obj):
+def _node_bound(cluster, counts, current, interval, budget, bound, plans, obj):
     """The node relaxation three times: without the per-expert local cuts (often proved quickly),
     with them (tighter when proved), and with them again capped by the best plan known by then
     (its incumbent is another node structure); the max of valid bounds is valid. Every incumbent,
@@ -89,8 +88,8 @@ def _node_bound(cluster, counts, current, interval, budget, upper, bound, plans,
     quite different device plans, so all are kept and the estimator picks. (bound, status)"""
     t0, best_status = time.perf_counter(), "none"
     for i, (share, cuts) in enumerate(((0.15, False), (0.3, True), (0.1, True))):
-        cap = min(upper, min(obj.values()))
-        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=cap, local_cuts=cuts)
+        best = min(obj.values())  # the best plan known so far caps what a replica can serve
+        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=best, local_cuts=cuts)
         nb, sol, status = rel.solve(share * budget)
         if nb > bound or best_status == "none":
             bound, best_status = max(bound, nb), status

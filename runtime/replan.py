@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from cost_models.files import InputError
 from planner.plan import LayerPlan, Plan
+from planner.solve import make_plan
 from planner.solvers import check_solver
 from runtime.defaults import PLANNER_FAILURE_LIMIT, REPLAN_THRESHOLD
 from runtime.monitor import balance
@@ -165,7 +166,6 @@ class Replanner:
         """The policy's plan for the smoothed `loads[L, S, E]` (seam: runtime.faults)."""
         if self.policy == "random":
             return random_plan(self.E, self.slots, self.L, np.random.default_rng([self.seed, seq]))
-        from planner.solve import make_plan  # lazy: only the planning thread needs it
         return make_plan(self.cluster, loads, current, solver=self.solver, time_budget=self.budget,
                          workers=1, seed=self.seed, interval=self.interval, reproducible=self.wait)
 
