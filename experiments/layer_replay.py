@@ -12,7 +12,8 @@ tables through its layer. For one case (counts `[source, expert]`, replicas, sha
   owners' AdamW, weights back).
 
 The experts are the trainer's `GeluFFN`, wrapped so that their forward and backward are timed and
-the tokens each expert computed are counted through `ExpertSlots.on_run` (what the validation's test compares with the rule).
+the tokens each expert computed are counted through `ExpertSlots.on_run` (what the validation's
+test compares with the rule).
 Runs inside a worker process; imports torch.
 """
 

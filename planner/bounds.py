@@ -682,8 +682,9 @@ class NodeRelaxation:
     def terms(self) -> dict:
         """After a `solve` with a solution: the incumbent's time split as the node model charges
         it, seconds per device averaged over the cluster (`compute`, `a2a` without latency,
-        `sync`, `latency`; `step`: its T; `migration`: amortised, as in the objective). Beside a plan's `experiments.offline.term_means` it says
-        which term the relaxation sees cheaper than the plan pays."""
+        `sync`, `latency`; `step`: its T; `migration`: amortised, as in the objective). Beside a
+        plan's `experiments.offline.term_means` it says which term the relaxation sees cheaper
+        than the plan pays."""
         cl, tau, G = self.cluster, self.tau, self.cluster.num_devices
         a, b = cl.compute_a, cl.compute_b
         val = lambda v: float(v.solution_value()) if hasattr(v, "solution_value") else float(v)
