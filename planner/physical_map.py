@@ -86,9 +86,10 @@ def balance_equal_shares(assign: np.ndarray, load: np.ndarray, max_iter: int = 1
     dev_of = np.repeat(np.arange(a.shape[0]), a.shape[1])
     for _ in range(max_iter):
         cnt = np.bincount(a.reshape(-1), minlength=len(load)).astype(np.float64)
-        loads = (load / cnt)[a].sum(axis=1)
-        best_key, best_move = _best_swap(a, load / cnt, loads, dev_of)
-        best_key, best_move = _best_reassign(a, load, cnt, loads, dev_of, best_key, best_move)
+        per = load / cnt  # tokens per physical replica of each expert
+        loads = per[a].sum(axis=1)
+        best_key, best_move = _best_swap(a, per, loads, dev_of)
+        best_key, best_move = _best_reassign(a, load, cnt, per, loads, dev_of, best_key, best_move)
         if best_move is None:
             break
         kind, g1, s1, arg = best_move
@@ -128,15 +129,14 @@ def _best_swap(a: np.ndarray, per: np.ndarray, loads: np.ndarray, dev_of: np.nda
     return best_key, best_move
 
 
-def _best_reassign(a: np.ndarray, load: np.ndarray, cnt: np.ndarray, loads: np.ndarray, dev_of: np.ndarray,
-                   best_key, best_move):
+def _best_reassign(a: np.ndarray, load: np.ndarray, cnt: np.ndarray, per: np.ndarray, loads: np.ndarray,
+                   dev_of: np.ndarray, best_key, best_move):
     """The best re-assignment if it beats `best_key`, else `(best_key, best_move)` unchanged.
 
     All slots at once: slot p's replica of e1 goes (e1 keeps cnt-1), a replica of e2 takes its
     place; that changes every device holding e1 or e2, so any slot may help."""
     flat = a.reshape(-1)
     num_experts = len(load)
-    per = load / cnt
     ps = np.flatnonzero(cnt[flat] >= 2)
     if not len(ps):
         return best_key, best_move
