@@ -264,14 +264,21 @@ def main(argv=None):
     import argparse
 
     from cost_models.presets import preset
-    from experiments.bench_planner import smartmoe
+    from experiments.bench_planner import SMARTMOE, smartmoe
     from planner.plan import static_layer
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("instances", type=int, nargs="+")
     ap.add_argument("--budget", type=float, default=40.0, help="seconds per instance (half plans, half bound)")
     args = ap.parse_args(argv)
+    if not args.budget > 0:
+        ap.error(f"--budget must be a positive number of seconds, got {args.budget}")
     cluster = preset("dgx-a100-2x8", slots=3)
     loads = smartmoe(False)
+    if not loads:
+        ap.error(f"no trace excerpt at {SMARTMOE} (set FLEXMOE_TRACES to the folder that holds it)")
+    bad = [i for i in args.instances if not 0 <= i < len(loads)]
+    if bad:
+        ap.error(f"instances must be in 0..{len(loads) - 1}, got {bad}")
     print("ms per device (mean): best plan / node model on the plan's structure / relaxation's incumbent")
     for i in args.instances:
         counts = loads[i]

@@ -117,3 +117,14 @@ def test_every_node_incumbent_becomes_polished_device_plans():
     found = offline.solve_instance(cluster, counts, cur, 5, budget=2.0, workers=1)
     assert any(k.startswith("nodes") for k in found["objectives"])
     assert found["offline_best_s"] == pytest.approx(min(found["objectives"].values()))
+
+
+def test_diagnosis_command_refuses_a_missing_trace_and_bad_arguments_in_one_line(tmp_path, monkeypatch, capsys):
+    import experiments.bench_planner as bench
+    monkeypatch.setattr(bench, "SMARTMOE", tmp_path / "none.npz")
+    with pytest.raises(SystemExit) as err:
+        offline.main(["0", "--budget", "1"])
+    assert err.value.code == 2 and "no trace excerpt at" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        offline.main(["0", "--budget", "0"])
+    assert err.value.code == 2 and "--budget must be a positive number" in capsys.readouterr().err
