@@ -126,9 +126,8 @@ MUTATIONS = [
              "    return 1.5 * max(compute_bound(cluster, counts), traffic_bound(cluster, counts))\n",
              ("tests/test_bounds.py",), "the quick lower bound is not valid"),
     Mutation("objective-ignores-migration", "planner/score.py",
-             "    return estimate(cluster, counts, x, share, owner).step_time + migration_s(cluster, current, x, owner, "
-             "interval)\n",
-             "    return estimate(cluster, counts, x, share, owner).step_time\n",
+             "        return self.estimate.step_time + self.migration_s\n",
+             "        return self.estimate.step_time\n",
              ("tests/test_planner_solve.py",), "solvers judge plans without their migration cost"),
     Mutation("capacity-drops-nothing", "planner/baselines.py",
              "\"dropped_tokens\": int(dropped),", "\"dropped_tokens\": 0,",
