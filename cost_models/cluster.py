@@ -150,6 +150,11 @@ class Cluster:
         return np.eye(self.num_nodes)[self.node_index]
 
     @cached_property
+    def node_devices(self) -> list[np.ndarray]:
+        """Per node (dense numbering), its devices' indices in order."""
+        return [np.flatnonzero(self.node_index == k) for k in range(self.num_nodes)]
+
+    @cached_property
     def compute_a(self) -> np.ndarray:
         return np.array([d.compute.a for d in self.devices])
 

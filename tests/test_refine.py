@@ -1,0 +1,99 @@
+"""planner/refine.py: levelled shares, the estimator-judged local search, and the node-to-device
+layout that lets slow syncs overlap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cost_models.estimator import estimate
+from planner.greedy import greedy
+from planner.plan import static_layer
+from planner.refine import level_shares, realise, refine
+from planner.score import clean_shares, even_shares, objective
+from tests.planner_helpers import spread
+from tests.test_bounds import slow_cluster
+
+
+def _case(seed):
+    cluster = slow_cluster(per_node=(3, 3), slots=2)
+    rng = np.random.default_rng(seed)
+    load = np.sort(rng.integers(5, 400, size=6))[::-1]
+    return cluster, spread(load, cluster.num_devices, seed=seed).astype(float)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("within_nodes", [False, True])
+def test_refine_never_worsens_and_reports_the_estimators_objective(seed, within_nodes):
+    cluster, counts = _case(seed)
+    cur = static_layer(counts.shape[1], cluster.slots)
+    x, s, o, _ = greedy(cluster, counts, cur, interval=5)
+    start = objective(cluster, counts, x, clean_shares(x, s), o, cur, 5)
+    rx, v, evals = refine(cluster, counts, cur, 5, x, s, o, within_nodes=within_nodes)
+    assert evals > 0 and v.objective <= start + 1e-15
+    assert v.objective == pytest.approx(objective(cluster, counts, rx, v.share, v.owner, cur, 5), rel=1e-12)
+    assert (rx.sum(axis=0) <= cluster.slots).all() and rx[np.arange(len(v.owner)), v.owner].all()
+    assert np.allclose(v.share.sum(axis=1), 1) and (v.share[~rx] == 0).all()
+
+
+def test_refine_moves_owners_off_a_device_that_syncs_everything():
+    """Every multi-node expert owned by device 0: it receives all the slow syncs. Handing some
+    ownership to a replica elsewhere is an improvement the search must find."""
+    cluster = slow_cluster(per_node=(2, 2), slots=2)
+    counts = spread([200, 200, 200, 200], cluster.num_devices, seed=0).astype(float)
+    x = np.array([[1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1]], bool)
+    owner = np.array([0, 0, 1, 1])
+    before = estimate(cluster, counts, x, even_shares(x), owner)
+    rx, v, _ = refine(cluster, counts, None, 5, x, even_shares(x), owner)
+    assert v.objective < before.step_time * (1 - 1e-3)
+    assert v.estimate.sync.max() < before.sync.max()
+
+
+def test_levelled_shares_even_out_the_devices_step():
+    """One device pays a slow sync; levelling moves its shares of a replicated expert to the
+    others, so the slowest device's step drops and the spread of device times narrows."""
+    cluster = slow_cluster(per_node=(2, 2), slots=2)
+    counts = spread([400, 100, 100, 50], cluster.num_devices, seed=2).astype(float)
+    x = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]], bool)
+    owner = np.array([0, 0, 1, 2])
+    even = estimate(cluster, counts, x, even_shares(x), owner)
+    share, est = level_shares(cluster, counts, x, owner, even_shares(x), rounds=3)
+    assert est.step_time < even.step_time
+    assert np.ptp(est.total) < np.ptp(even.total)
+    assert est.step_time == pytest.approx(estimate(cluster, counts, x, share, owner).step_time, rel=1e-12)
+
+
+def test_realise_pairs_the_slow_syncs_of_experts_owned_on_both_sides():
+    """Expert 0 is owned on node 0 with a follower on node 1, expert 1 the other way round: each
+    owner's device hosts the other expert's follower, so two devices pay one slow sync each
+    (send one, receive one, overlapped) instead of four devices paying one."""
+    cluster = slow_cluster(per_node=(2, 2), slots=2)
+    counts = spread([100, 100, 50, 50], cluster.num_devices, seed=0).astype(float)
+    replicas = np.array([[1, 1], [1, 1], [1, 0], [0, 1]])
+    owner_node = np.array([0, 1, 0, 1])
+    tokens = np.array([[50, 50], [50, 50], [50, 0], [0, 50]], float)
+    x, share, owner = realise(cluster, counts, replicas, owner_node, tokens)
+    assert (np.stack([x[:, d].sum(axis=1) for d in cluster.node_devices], axis=1) == replicas).all()
+    assert cluster.node_index[owner].tolist() == owner_node.tolist() and x[np.arange(4), owner].all()
+    for e, f in ((0, 1), (1, 0)):  # the owner of e hosts f's follower
+        assert x[f, owner[e]] and owner[f] != owner[e]
+    sync = estimate(cluster, counts, x, share, owner).sync
+    assert (sync > 0).sum() == 2
+
+
+def test_realise_refuses_a_node_structure_that_does_not_fit():
+    cluster = slow_cluster(per_node=(2, 2), slots=2)
+    counts = spread([100, 100, 50, 50, 20], cluster.num_devices, seed=0).astype(float)
+    replicas = np.array([[2, 0], [1, 0], [1, 0], [1, 1], [0, 1]])  # 5 replicas on node 0's 4 slots
+    assert realise(cluster, counts, replicas, np.zeros(5, int), replicas * 10.0) is None
+    replicas = np.array([[3, 0], [0, 1], [0, 1], [0, 1], [0, 1]])  # 3 replicas of one expert on 2 devices
+    assert realise(cluster, counts, replicas, np.zeros(5, int), replicas * 10.0) is None
+
+
+def test_refine_with_an_evaluation_limit_is_reproducible():
+    cluster, counts = _case(7)
+    cur = static_layer(counts.shape[1], cluster.slots)
+    x, s, o, _ = greedy(cluster, counts, cur, interval=5)
+    a = refine(cluster, counts, cur, 5, x, s, o, max_evals=15)
+    b = refine(cluster, counts, cur, 5, x, s, o, max_evals=15)
+    assert a[2] == b[2] <= 15 and (a[0] == b[0]).all() and np.array_equal(a[1].share, b[1].share)
