@@ -5,10 +5,13 @@ bound, and how far greedy, EPLB and the online ILP are from that bound.
 re-plan of the ILP policy, on the very inputs the online ILP got (predicted loads, placement in
 force, interval), it also runs greedy and EPLB, then spends the budget on
 1. the node-level relaxation (`planner.bounds.NodeRelaxation`), three short solves: a proven
-   bound, and node structures (their incumbents) that `planner.construct.from_nodes` turns into
-   device plans, polished;
+   bound, and node structures (their incumbents) made into device plans three ways
+   (`planner.construct.from_nodes`, with owners spread, and `planner.refine.realise`), each
+   finished by `planner.refine`'s local search, judged by the estimator itself;
 2. `polish` on every plan known: owners re-picked, shares from the relaxation's LP;
-3. the CP-SAT ILP hinted with the best plan known, those included, and its result polished;
+3. `planner.refine`'s local search, judged by the estimator, on the three best plans so far;
+4. the CP-SAT ILP hinted with the best plan known, those included, and its result polished and
+   refined;
 and reports the best plan's objective, the best valid bound (the max of the cheap bounds and the
 relaxation's), and every policy's distance to that bound (objective / bound - 1), in `info`
 under `offline_*` keys that the replay copies into `replans.csv`.
@@ -24,11 +27,14 @@ import numpy as np
 from cost_models.estimator import estimate
 from planner import bounds
 from planner.construct import from_nodes, spread_owners
+from planner.refine import realise, refine
 from planner.score import check_loads, finish, migration_s, objective, pick_owner
 
 POLICIES = ("greedy", "eplb", "ilp")  # distances reported per re-plan
 FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from", "offline_relaxation",
           "offline_wall_s"] + [f"offline_{p}_gap" for p in POLICIES]
+REFINE_TOP = 3  # best plans refined by local search before the ILP (hints for it), each for at most
+REFINE_SHARE = 0.04  # of the budget; so is each device plan made from a node structure
 
 
 def solve_instance(cluster, counts, current, interval: int, budget: float, workers: int = 2,
@@ -54,10 +60,11 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
         bound, status = _node_bound(cluster, counts, current, interval, budget, bound, plans, obj)
     # every plan so far polished (owners re-picked, shares from the relaxation's LP): candidates
     # and hints; the policies' own objectives stay as they are
-    for name in [k for k in plans if not k.startswith("nodes")]:  # node plans come polished
+    for name in [k for k in plans if not k.startswith("nodes")]:  # node plans come refined
         x, s, o, v = polish(cluster, counts, current, interval, *plans[name], seconds=min(0.03 * budget, 5.0))
         if v < obj[name] - 1e-12:
             plans[name + "+polish"], obj[name + "+polish"] = (x, s, o), v
+    _refine_best(cluster, counts, current, interval, plans, obj, REFINE_TOP, seconds=REFINE_SHARE * budget)
     left = max(budget - (time.perf_counter() - t0), 0.05 * budget)
     extra = [(k, *p) for k, p in plans.items() if k not in ("greedy", "eplb")]
     x, s, o, info = ilp(cluster, counts, current, time_budget=left, workers=workers, seed=seed, interval=interval,
@@ -68,6 +75,7 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     x, s, o, v = polish(cluster, counts, current, interval, *plans["offline-ilp"], seconds=min(0.03 * budget, 5.0))
     if v < obj["offline-ilp"] - 1e-12:
         plans["offline-ilp+polish"], obj["offline-ilp+polish"] = (x, s, o), v
+    _refine_best(cluster, counts, current, interval, plans, obj, 1, seconds=REFINE_SHARE * budget)
     best_name = min(obj, key=obj.get)
     best = obj[best_name]
     bound = min(bound, best)
@@ -80,14 +88,36 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     return out
 
 
+def _refine_best(cluster, counts, current, interval, plans, obj, top: int, seconds: float) -> None:
+    """`planner.refine` on the `top` best plans not refined yet (distinct placements), each for
+    at most `seconds`; a refined plan joins `plans` and `obj` as "<name>+refine"."""
+    done = {(plans[k][0].tobytes(), np.asarray(plans[k][2]).tobytes()) for k in plans if _refined(k)}
+    for name in sorted((k for k in obj if not _refined(k)), key=obj.get):
+        if top <= 0:
+            break
+        x, s, o = plans[name]
+        key = (np.asarray(x, bool).tobytes(), np.asarray(o).tobytes())
+        if key in done:
+            continue
+        done.add(key)
+        top -= 1
+        rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=seconds)
+        if v.objective < obj[name] - 1e-12:
+            plans[name + "+refine"], obj[name + "+refine"] = (rx, v.share, v.owner), v.objective
+
+
+def _refined(name: str) -> bool:
+    """Plans made from node structures come refined (`_add_node_plans`)."""
+    return name.endswith("+refine") or name.startswith("nodes")
+
+
 def _node_bound(cluster, counts, current, interval, budget, bound, plans, obj):
     """The node relaxation three times: without the per-expert local cuts (often proved quickly),
     with them (tighter when proved), and with them again capped by the best plan known by then
     (its incumbent is another node structure); the max of valid bounds is valid. Every incumbent,
-    made into device plans and polished, joins `plans` and `obj`: different structures polish to
-    quite different device plans, so all are kept and the estimator picks. (bound, status)"""
+    made into refined device plans, joins `plans` and `obj`. (bound, status)"""
     t0, best_status = time.perf_counter(), "none"
-    for i, (share, cuts) in enumerate(((0.15, False), (0.3, True), (0.1, True))):
+    for i, (share, cuts) in enumerate(((0.1, False), (0.15, True), (0.1, True))):
         best = min(obj.values())  # the best plan known so far caps what a replica can serve
         rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=best, local_cuts=cuts)
         nb, sol, status = rel.solve(share * budget)
@@ -95,23 +125,29 @@ def _node_bound(cluster, counts, current, interval, budget, bound, plans, obj):
             bound, best_status = max(bound, nb), status
         if sol is not None:
             _add_node_plans(cluster, counts, current, interval, sol, f"nodes{i}", plans, obj,
-                            seconds=min(0.02 * budget, 3.0))
-        if time.perf_counter() - t0 > 0.6 * budget:
+                            seconds=REFINE_SHARE * budget)
+        if time.perf_counter() - t0 > 0.7 * budget:
             break
     return bound, best_status
 
 
 def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, seconds):
-    """A node solution (u, n, own, Y) made into a device plan (`from_nodes`), with its owners and
-    with owners spread, each polished; the ones that score best join `plans` and `obj`."""
+    """A node solution (u, n, own, Y) made into device plans three ways (`construct.from_nodes`
+    with its owners and with owners spread, and `refine.realise`, laid out for the slow syncs to
+    overlap), each refined for at most `seconds` with shares also levelled inside nodes; all
+    join `plans` and `obj` (different starts end in quite different plans: the estimator picks)."""
+    starts = {}
     made = from_nodes(cluster, counts, sol[3], sol[2])
-    if made is None:
-        return
-    x, s, o = made
-    base = estimate(cluster, counts, x, s).total
-    for tag, own in (("", o), ("/owners", spread_owners(cluster, x, base, o))):
-        px, ps, po, v = polish(cluster, counts, current, interval, x, s, own, seconds=seconds)
-        plans[name + tag], obj[name + tag] = (px, ps, po), v
+    if made is not None:
+        x, s, o = made
+        base = estimate(cluster, counts, x, s).total
+        starts[""], starts["/owners"] = (x, s, o), (x, s, spread_owners(cluster, x, base, o))
+    paired = realise(cluster, counts, sol[1], sol[2], sol[3])
+    if paired is not None:
+        starts["/paired"] = paired
+    for tag, (x, s, o) in starts.items():
+        rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=seconds, within_nodes=True)
+        plans[name + tag], obj[name + tag] = (rx, v.share, v.owner), v.objective
 
 
 def offline_plan_fn(budget: float, workers: int = 2, base=None):
