@@ -19,8 +19,12 @@ latency, all linear:
 Objective `interval * T + migration` (migration: the busiest receiver's new weights and moved
 optimizer state, against the current placement). The plan is then re-scored by the estimator;
 the model is a faithful linearisation, not the estimator itself, so if the estimator ranks the
-hint higher the hint is returned and `info` says so. Too large instances are decomposed: the
-hint's split of experts over nodes is kept and each node's devices are solved on their own.
+hint higher the hint is returned and `info` says so. Part of the budget (`REFINE_SHARE`) goes to
+`planner.refine`, a local search judged by the estimator itself, on the plan returned: on the
+real traces at 1 s per layer CP-SAT mostly proves little beyond its hint, and levelling shares
+against each device's real communication gains more. Too large instances are decomposed: the
+hint's split of experts over nodes is kept and each node's devices are solved on their own
+(and not refined: a candidate costs too much there).
 """
 
 from __future__ import annotations
@@ -39,12 +43,18 @@ from planner.baselines import eplb
 from planner.construct import hierarchical, mcnaughton, spread_owners
 from planner.greedy import greedy
 from planner.plan import LayerPlan
+from planner.refine import refine
 from planner.score import clean_shares, objective, pick_owner
 
 BLOCKS = 1000  # token blocks per layer
 UNITS = 200_000  # time units in the lower bound: sets the rounding of time coefficients
 MAX_CELLS = 2048  # experts x devices above which a layer is decomposed by node
 OK = (cp_model.OPTIMAL, cp_model.FEASIBLE)
+# of the budget left after the hints, spent on `planner.refine` (estimator-judged local search) of
+# the plan the solver returns, on layers small enough to be solved whole
+REFINE_SHARE = 0.5
+REFINE_EVALS_PER_S = 500  # reproducible mode: candidates per second of that share, not wall time
+MIN_REFINE_S = 0.01  # less is not worth the shares' first levelling
 NODE_FLOWS = True  # model the inter-node all-to-all per node (False: per-device constant splits)
 
 
@@ -380,6 +390,8 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
     left = time_budget if reproducible else max(time_budget - (time.perf_counter() - t0), 1e-3)
     load = counts.sum(axis=0).astype(np.float64)
     E, G = len(load), cluster.num_devices
+    refine_left = REFINE_SHARE * left if E * G <= MAX_CELLS else 0.0
+    left -= refine_left
     cur_x = current.replicas() if current is not None else None
     cur_owner = current.owner if current is not None else None
     info = {"solver": "ilp", "hint": hname, "hint_objective": hobj, "time_budget": time_budget,
@@ -399,18 +411,38 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
         info.update(status=status, decomposed=True, **extra)
     if x is None and info.get("hint_completed"):  # no better solution in time; the hint stands
         info.update(returned="hint")
-        return hx, hs, ho, info
-    if x is None:  # nothing in time, or a solver failure: the greedy plan, saying so
-        _, gx, gs, go = greedy_plan
+        x, share, owner = hx, hs, ho
+    elif x is None:  # nothing in time, or a solver failure: the greedy plan, saying so
+        _, x, share, owner = greedy_plan
         info.update(fallback=True, returned="greedy")
-        return gx, gs, go, info
-    if owner is None or (current is not None):
-        owner = _keep_owner(cluster, x, share, owner, current)
-    obj = objective(cluster, counts, x, share, owner, current, interval)
-    if obj > hobj:
-        info.update(returned="hint", ilp_objective=obj)
-        return hx, hs, ho, info
-    info.update(returned="ilp")
+    else:
+        if owner is None or (current is not None):
+            owner = _keep_owner(cluster, x, share, owner, current)
+        obj = objective(cluster, counts, x, share, owner, current, interval)
+        if obj > hobj:
+            info.update(returned="hint", ilp_objective=obj)
+            x, share, owner = hx, hs, ho
+        else:
+            info.update(returned="ilp")
+    if E * G > MAX_CELLS:  # decomposed: a candidate costs too much there for the time left to pay
+        return x, share, owner, info
+    return _refined(cluster, counts, current, interval, x, share, owner, info,
+                    refine_left if reproducible else t0 + time_budget - time.perf_counter(), reproducible)
+
+
+def _refined(cluster, counts, current, interval, x, share, owner, info, seconds, reproducible):
+    """The plan after `planner.refine`'s local search in the time left (reproducible: a fixed
+    number of candidates per second of it instead), noted in `info`."""
+    if seconds < MIN_REFINE_S:
+        return x, share, owner, info
+    t = time.perf_counter()
+    rx, v, evals = refine(cluster, counts, current, interval, x, share, owner,
+                          seconds=None if reproducible else seconds,
+                          max_evals=int(REFINE_EVALS_PER_S * seconds) if reproducible else None)
+    info.update(refine_evals=evals, refine_wall_s=time.perf_counter() - t)
+    if v.objective < objective(cluster, counts, x, share, owner, current, interval):
+        info.update(refined=True)
+        return rx, v.share, v.owner, info
     return x, share, owner, info
 
 

@@ -90,3 +90,16 @@ def test_large_instances_are_decomposed_by_node(monkeypatch):
     lp.validate(c.slots)
     assert lp.info["decomposed"] is True
     assert lp.info["objective"] <= lp.info["hint_objective"] * (1 + 1e-9)
+
+
+def test_part_of_the_budget_refines_the_plan_returned(monkeypatch):
+    """`REFINE_SHARE` of the budget goes to the estimator-judged local search: it says so in
+    `info`, is never worse than the solver's own plan, and with no share there is no search."""
+    c = make_cluster(nodes=2, per_node=3, slots=2, a=1e-5, fast=False)
+    counts = spread([900, 50, 300, 10, 10, 700, 40, 5], 6, seed=2)
+    with_refine = plan_layer(c, counts, solver="ilp", time_budget=0.5, reproducible=True)
+    assert with_refine.info["refine_evals"] > 0
+    monkeypatch.setattr(ilp_mod, "REFINE_SHARE", 0.0)
+    without = plan_layer(c, counts, solver="ilp", time_budget=0.5, reproducible=True)
+    assert "refine_evals" not in without.info
+    assert with_refine.info["objective"] <= without.info["objective"] * (1 + 1e-9)
