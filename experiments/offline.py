@@ -20,6 +20,7 @@ under `offline_*` keys that the replay copies into `replans.csv`.
 from __future__ import annotations
 
 import io
+import multiprocessing as mp
 import time
 
 import numpy as np
@@ -33,16 +34,27 @@ from planner.score import check_loads, finish, migration_s, objective, pick_owne
 POLICIES = ("greedy", "eplb", "ilp")  # distances reported per re-plan
 FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from", "offline_relaxation",
           "offline_wall_s"] + [f"offline_{p}_gap" for p in POLICIES]
-REFINE_TOP = 3  # best plans refined by local search before the ILP (hints for it), each for at most
-REFINE_SHARE = 0.04  # of the budget; so is each device plan made from a node structure
+# Budget shares (of the instance's seconds). The node relaxation's stages: without the per-expert
+# local cuts (often proved quickly), then with them, capped by the best plan known by then.
+RELAX_STAGES = ((0.45, False), (0.4, True))
+NODE_REFINE_SHARE = 0.04  # each device plan made from a node incumbent
+REFINE_SHARE = 0.08  # each of the best plans refined while the relaxation runs
+REFINE_TOP = 3  # that many before the first stage ends at least (hints for the ILP)
+POLISH_SHARE = 0.03  # each plan polished (at most 5 s)
+ILP_SHARE = 0.05  # at least this much for the hinted ILP at the end
 
 
 def solve_instance(cluster, counts, current, interval: int, budget: float, workers: int = 2,
                    known: dict | None = None, seed: int = 0) -> dict:
     """Best plan and proven bound for one layer instance within about `budget` seconds.
 
-    `known`: name -> (x, share, owner) plans already made (the online ILP's): scored, used as
-    incumbents and hints. Returns objectives per policy, the best, the bound and the gaps."""
+    Two lanes: the node relaxation's stages (bounds, and node structures as incumbents) and the
+    plan search (polish, local search, the node incumbents made into device plans, the hinted
+    ILP). With `workers` >= 2 the relaxation runs in a second process beside the search, so both
+    get the whole budget; with 1 (or inside a worker process) they take turns, each stage and
+    search step at half its share. `known`: name -> (x, share, owner) plans already made (the
+    online ILP's): scored, used as incumbents and hints. Returns objectives per policy, the
+    best, the bound and the gaps."""
     from planner.baselines import eplb
     from planner.greedy import greedy
     from planner.ilp import ilp
@@ -56,26 +68,39 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     plans["eplb"] = (ex, es, pick_owner(cluster, ex, es, current))
     obj = {k: objective(cluster, counts, *p, current, interval) for k, p in plans.items()}
     bound, status = bounds.quick_bound(cluster, counts), "none"
-    if cluster.num_nodes > 1:
-        bound, status = _node_bound(cluster, counts, current, interval, budget, bound, plans, obj)
-    # every plan so far polished (owners re-picked, shares from the relaxation's LP): candidates
-    # and hints; the policies' own objectives stay as they are
-    for name in [k for k in plans if not k.startswith("nodes")]:  # node plans come refined
-        x, s, o, v = polish(cluster, counts, current, interval, *plans[name], seconds=min(0.03 * budget, 5.0))
-        if v < obj[name] - 1e-12:
-            plans[name + "+polish"], obj[name + "+polish"] = (x, s, o), v
-    _refine_best(cluster, counts, current, interval, plans, obj, REFINE_TOP, seconds=REFINE_SHARE * budget)
-    left = max(budget - (time.perf_counter() - t0), 0.05 * budget)
+    lanes = _Lanes(workers > 1 and cluster.num_nodes > 1 and not mp.current_process().daemon)
+    with lanes:
+        job = None
+        stages = list(RELAX_STAGES) if cluster.num_nodes > 1 else []
+        for i in range(len(stages) + 1):
+            if job is not None:  # the stage submitted last round: its bound and incumbent
+                nb, sol, st = job.result()
+                if nb > bound or status == "none":
+                    bound, status = max(bound, nb), st
+                if sol is not None:
+                    _add_node_plans(cluster, counts, current, interval, sol, f"nodes{i - 1}", plans, obj,
+                                    seconds=lanes.scale * NODE_REFINE_SHARE * budget)
+            job = None
+            if i < len(stages):
+                share, cuts = stages[i]
+                job = lanes.submit(_relax, cluster, counts, current, interval, min(obj.values()), cuts,
+                                   lanes.scale * share * budget)
+            if i == 0:  # the policies' plans polished: candidates and hints; their own objectives stay
+                for name in list(plans):
+                    x, s, o, v = polish(cluster, counts, current, interval, *plans[name],
+                                        seconds=min(lanes.scale * POLISH_SHARE * budget, 5.0))
+                    if v < obj[name] - 1e-12:
+                        plans[name + "+polish"], obj[name + "+polish"] = (x, s, o), v
+            if job is not None or i == len(stages):
+                _refine_best(cluster, counts, current, interval, plans, obj, 1 if i else REFINE_TOP,
+                             seconds=lanes.scale * REFINE_SHARE * budget, until=job)
+    left = max(budget - (time.perf_counter() - t0), ILP_SHARE * budget)
     extra = [(k, *p) for k, p in plans.items() if k not in ("greedy", "eplb")]
     x, s, o, info = ilp(cluster, counts, current, time_budget=left, workers=workers, seed=seed, interval=interval,
                         extra_hints=extra)
     lp = finish(cluster, counts, x, s, o, current, interval, 0, info)
     plans["offline-ilp"] = (lp.replicas(), lp.shares(), lp.owner)
     obj["offline-ilp"] = lp.info["objective"]
-    x, s, o, v = polish(cluster, counts, current, interval, *plans["offline-ilp"], seconds=min(0.03 * budget, 5.0))
-    if v < obj["offline-ilp"] - 1e-12:
-        plans["offline-ilp+polish"], obj["offline-ilp+polish"] = (x, s, o), v
-    _refine_best(cluster, counts, current, interval, plans, obj, 1, seconds=REFINE_SHARE * budget)
     best_name = min(obj, key=obj.get)
     best = obj[best_name]
     bound = min(bound, best)
@@ -88,12 +113,55 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     return out
 
 
-def _refine_best(cluster, counts, current, interval, plans, obj, top: int, seconds: float) -> None:
-    """`planner.refine` on the `top` best plans not refined yet (distinct placements), each for
-    at most `seconds`; a refined plan joins `plans` and `obj` as "<name>+refine"."""
-    done = {(plans[k][0].tobytes(), np.asarray(plans[k][2]).tobytes()) for k in plans if _refined(k)}
-    for name in sorted((k for k in obj if not _refined(k)), key=obj.get):
-        if top <= 0:
+class _Lanes:
+    """Where the relaxation's stages run: a second process (`scale` 1: both lanes get the whole
+    budget) or inline when the result is asked for (`scale` 0.5: they take turns)."""
+
+    def __init__(self, parallel: bool):
+        self.pool, self.scale = None, 1.0 if parallel else 0.5
+        if parallel:
+            from concurrent.futures import ProcessPoolExecutor
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args) if self.pool is not None else _Inline(fn, args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+class _Inline:
+    """A future that runs its call when the result is asked for (the serial lane)."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def done(self) -> bool:
+        return False
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+def _relax(cluster, counts, current, interval, upper, cuts, seconds):
+    """One node-relaxation stage (`planner.bounds.NodeRelaxation`): (bound, incumbent, status)."""
+    rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=upper, local_cuts=cuts)
+    return rel.solve(seconds)
+
+
+def _refine_best(cluster, counts, current, interval, plans, obj, top: int, seconds: float, until=None) -> None:
+    """`planner.refine` (shares levelled inside nodes too) on the best plans not refined here
+    yet (distinct placements), each for at most `seconds`: `top` of them, and more while the
+    future `until` (a relaxation stage in the other process) is not done. A refined plan joins
+    `plans` and `obj` as "<name>+refine"."""
+    done = {(plans[k][0].tobytes(), np.asarray(plans[k][2]).tobytes()) for k in plans if k.endswith("+refine")}
+    for name in sorted((k for k in obj if not k.endswith("+refine")), key=obj.get):
+        if top <= 0 and (until is None or until.done() or isinstance(until, _Inline)):
             break
         x, s, o = plans[name]
         key = (np.asarray(x, bool).tobytes(), np.asarray(o).tobytes())
@@ -101,34 +169,9 @@ def _refine_best(cluster, counts, current, interval, plans, obj, top: int, secon
             continue
         done.add(key)
         top -= 1
-        rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=seconds)
+        rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=seconds, within_nodes=True)
         if v.objective < obj[name] - 1e-12:
             plans[name + "+refine"], obj[name + "+refine"] = (rx, v.share, v.owner), v.objective
-
-
-def _refined(name: str) -> bool:
-    """Plans made from node structures come refined (`_add_node_plans`)."""
-    return name.endswith("+refine") or name.startswith("nodes")
-
-
-def _node_bound(cluster, counts, current, interval, budget, bound, plans, obj):
-    """The node relaxation three times: without the per-expert local cuts (often proved quickly),
-    with them (tighter when proved), and with them again capped by the best plan known by then
-    (its incumbent is another node structure); the max of valid bounds is valid. Every incumbent,
-    made into refined device plans, joins `plans` and `obj`. (bound, status)"""
-    t0, best_status = time.perf_counter(), "none"
-    for i, (share, cuts) in enumerate(((0.1, False), (0.15, True), (0.1, True))):
-        best = min(obj.values())  # the best plan known so far caps what a replica can serve
-        rel = bounds.NodeRelaxation(cluster, counts, current, interval, upper=best, local_cuts=cuts)
-        nb, sol, status = rel.solve(share * budget)
-        if nb > bound or best_status == "none":
-            bound, best_status = max(bound, nb), status
-        if sol is not None:
-            _add_node_plans(cluster, counts, current, interval, sol, f"nodes{i}", plans, obj,
-                            seconds=REFINE_SHARE * budget)
-        if time.perf_counter() - t0 > 0.7 * budget:
-            break
-    return bound, best_status
 
 
 def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, seconds):
