@@ -103,8 +103,11 @@ def even_shares(x: np.ndarray) -> np.ndarray:
 def clean_shares(x: np.ndarray, share: np.ndarray) -> np.ndarray:
     """Shares on replicas only, non-negative, summing to exactly 1 per expert (even if all zero)."""
     x = np.asarray(x, bool)
-    s = np.where(x, np.clip(np.nan_to_num(share), 0.0, None), 0.0)
+    share = np.asarray(share, dtype=np.float64)
+    s = np.where(x, np.clip(share if np.isfinite(share).all() else np.nan_to_num(share), 0.0, None), 0.0)
     tot = s.sum(axis=1, keepdims=True)
+    if (tot > EPS).all():  # the usual case: no expert needs even shares
+        return s / tot
     return np.where(tot > EPS, s / np.maximum(tot, EPS), even_shares(x))
 
 
