@@ -29,6 +29,7 @@ PRUNE_MARGIN = 1e-9  # relative: a bound must beat the best by this to skip an e
 # experts x devices up to which the node-aware constructions are tried here: they cost about
 # 20 ms per variant at 256 x 64, over the greedy's budget; the ILP, which has seconds, always tries them
 HIERARCHICAL_CELLS = 4096
+TINY = np.finfo(np.float64).tiny
 
 
 class _State:
@@ -52,9 +53,9 @@ class _State:
         self.cost_intra = tb * self.inv_intra
         self.cost_inter = tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
         self.r = self.x.sum(axis=1)
+        self.q = load / self.r  # tokens per replica
         self.tok = (self.x * (load / self.r)[:, None]).sum(axis=0)
         self.n = self.x.sum(axis=0)
-        es = np.arange(len(load))
         self.last = None
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
@@ -62,31 +63,31 @@ class _State:
         near = np.take(x0 @ self.onehot, self.node, axis=1) > 0
         # on devices that held the expert before, nothing to copy
         self.copy_s = np.where(x0, 0.0, self.P * np.where(near, self.inv_intra, self.invb[owner0]))
-        self.opt_s = cluster.expert.optimizer_bytes * self.invb  # moving the optimizer state, [from, to]
-        self.sync_e, self.mig_e, self.a2a_e = self._rows(es, self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
+        # moving the optimizer state, [from, to]: 0 on the diagonal (inv_beta's), so adding it for
+        # every candidate's owner changes only the moved ones
+        self.opt_s = cluster.expert.optimizer_bytes * self.invb
+        self.sync_e, self.mig_e, self.a2a_e = self._rows(slice(None), self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
         self.sync, self.mig, self.a2a_parts = self.sync_e.sum(0), self.mig_e.sum(0), self.a2a_e.sum(0)
 
     def _rows(self, es, rows, owners, y=None):
-        """Per-device proxy terms of experts `es` placed as `rows[k, g]` with owners `owners[k]`:
-        sync seconds, migration receive seconds, and all-to-all (send intra, recv intra, send
-        inter, recv inter) seconds under even shares, routed by the estimator's hierarchical rule
-        (exact for the all-to-all when each link class has one bandwidth). `y`: the rows' tokens
-        per replica, if the caller has them."""
-        n = len(es)
+        """Per-device proxy terms of experts `es` (indices, or a slice: views, no copies) placed as
+        `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds, and
+        all-to-all (send intra, recv intra, send inter, recv inter) seconds under even shares,
+        routed by the estimator's hierarchical rule (exact for the all-to-all when each link class
+        has one bandwidth). `y`: the rows' tokens per replica, if the caller has them."""
+        n = len(rows)
         k = np.arange(n)
         rows = np.asarray(rows, bool)
         if y is None:
             y = rows * (self.load[es] / np.maximum(rows.sum(axis=1), 1))[:, None]
         # sync: each follower and its owner pay a replica's bytes per phase over their link
-        f = rows * self.sync_to[owners]
+        f = self.sync_to[owners]
+        f *= rows
         f[k, owners] = 0.0
         f[k, owners] = f.sum(axis=1)
         # migration: new replicas copy from the same node if the expert is there, else from the owner
         mig = np.where(rows, self.copy_s[es], 0.0)
-        src = self.owner0[es]
-        moved = owners != src
-        if moved.any():
-            mig[k[moved], owners[moved]] += self.opt_s[src[moved], owners[moved]]
+        mig[k, owners] += self.opt_s[self.owner0[es], owners]
         # all-to-all, routed as the estimator routes: own device, own node, then other nodes
         c = self.counts[es]
         local = np.minimum(c, y)
@@ -94,13 +95,19 @@ class _State:
         np.subtract(c, local, out=sr[:, 0])
         np.subtract(y, local, out=sr[:, 1])
         by_node = (sr.reshape(2 * n, -1) @ self.onehot).reshape(n, 2, -1)
-        m_node = np.maximum(by_node[:, :1], by_node[:, 1:])
-        # the part that stays in the node: a sender's by what its node takes, a receiver's by what it sends
-        stay = np.divide(by_node[:, ::-1], m_node, out=np.zeros_like(by_node), where=m_node > 0)
+        # the part that stays in the node: a sender's by what its node takes, a receiver's by what it
+        # sends (0 / TINY = 0 where neither moves anything; tokens are never subnormal)
+        m_node = np.maximum(np.maximum(by_node[:, :1], by_node[:, 1:]), TINY)
+        stay = by_node[:, ::-1] / m_node
         stay = np.take(stay, self.node, axis=2)  # not stay[..., node]: laid out column-major, slow to use
+        # in place, in the order `sr * stay * cost`: few large temporaries (each costs page faults)
         a2a = np.empty((n, 4, c.shape[1]))
-        np.multiply(sr * stay, self.cost_intra, out=a2a[:, :2])
-        np.multiply(sr * (1 - stay), self.cost_inter, out=a2a[:, 2:])
+        intra, inter = a2a[:, :2], a2a[:, 2:]
+        np.multiply(sr, stay, out=intra)
+        intra *= self.cost_intra
+        np.subtract(1, stay, out=stay)
+        np.multiply(sr, stay, out=inter)
+        inter *= self.cost_inter
         return f, mig, a2a
 
     def _a2a(self, parts):
@@ -122,7 +129,7 @@ class _State:
         alone were made: one numpy pass. `apply(..., k)` reuses the rows computed here."""
         xe, le = self.x[es], self.load[es]
         y = rows * (le / rows.sum(axis=1))[:, None]  # tokens per replica after the change
-        dt = y - xe * (le / self.r[es])[:, None]
+        dt = y - xe * self.q[es][:, None]
         s, m, a2a = self._rows(es, rows, owners, y)
         self.last = (s, m, a2a)
         p = (self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
@@ -143,7 +150,7 @@ class _State:
         self.mig += m - self.mig_e[e]
         self.a2a_parts += a2a - self.a2a_e[e]
         self.sync_e[e], self.mig_e[e], self.a2a_e[e] = s, m, a2a
-        self.x[e], self.owner[e], self.r[e] = row, own, r_new
+        self.x[e], self.owner[e], self.r[e], self.q[e] = row, own, r_new, self.load[e] / r_new
 
 
 def _intra(cluster):
@@ -153,47 +160,58 @@ def _intra(cluster):
 def _candidates(st: _State):
     """The paper's three moves, from the current state: (experts[k], new rows[k, G], new owners[k]),
     or None. Expansion is also tried for the straggler's own experts: the hottest expert may sit
-    elsewhere."""
+    elsewhere. Built with few numpy calls (the loop's cost is their overhead): one gather of the
+    experts' rows, then the changed cells set in two assignments."""
     p = st.times()
-    q = st.load / st.r
-    # expand the expert with the highest load per replica onto the least busy device with room
-    s = int(np.argmax(p))
-    hot = np.argsort(-q, kind="stable")[:2].tolist()
+    q = st.q
+    s = int(p.argmax())
+    # expand the two experts with the highest load per replica (first of equals, as a stable sort)
+    h1 = int(q.argmax())
+    q1, q[h1] = q[h1], -np.inf
+    hot = [h1, int(q.argmax())] if len(q) > 1 else [h1]
+    q[h1] = q1
     on_s = np.flatnonzero(st.x[:, s]).tolist()
     hot += [e for e in on_s if e not in hot]  # and the straggler's experts
-    # the least busy device with room and no replica yet, for all these experts at once (first of equals)
-    grow = st.x[hot]  # a copy: one new row per expert
-    ok = (st.n < st.c.slots)[None, :] & ~grow
-    gs = np.where(ok, p[None, :], np.inf).argmin(axis=1)
-    has = ok.any(axis=1)
-    k = np.arange(len(hot))
-    grow[k, gs] = True
-    rows, es, owners = [grow[has]], [np.array(hot)[has]], [st.owner[hot][has]]
+    # onto the least busy device with room and no replica yet (first of equals)
+    ok = (st.n < st.c.slots) & ~st.x[hot]
+    gs = np.where(ok, p, np.inf).argmin(axis=1).tolist()
+    has = ok.any(axis=1).tolist()
+    owner = st.owner
+    es = [e for e, h in zip(hot, has) if h]
+    owners = [owner[e] for e in es]
+    on, off = [[], []], [[], []]  # (candidate, device) cells set, cleared
+    on[0] += range(len(es))
+    on[1] += [g for g, h in zip(gs, has) if h]
     # shrink the expert with the lowest load per replica, on its busiest device
-    multi = np.flatnonzero(st.r > 1)
-    if len(multi):
-        e = int(multi[np.argmin(q[multi])])
-        devs = np.flatnonzero(st.x[e])
-        g = int(devs[np.argmax(p[devs])])
-        row = st.x[e].copy()
-        row[g] = False
-        own = st.owner[e] if st.owner[e] != g else int(np.flatnonzero(row)[np.argmin(p[row])])
-        rows.append(row[None, :])
-        es.append(np.array([e]))
-        owners.append(np.array([own]))
+    e = int(np.where(st.r > 1, q, np.inf).argmin())
+    if st.r[e] > 1:
+        row = st.x[e]
+        g = int(np.where(row, p, -np.inf).argmax())
+        own = owner[e]
+        if own == g:
+            left = row.copy()
+            left[g] = False
+            own = int(np.where(left, p, np.inf).argmin())
+        off[0].append(len(es))
+        off[1].append(g)
+        es.append(e)
+        owners.append(own)
     # migrate a replica off the straggler to the least busy device with room (found above: on_s is in hot)
-    at = np.array([hot.index(e) for e in on_s], dtype=np.int64)
-    move = grow[at]
-    move[:, s] = False
-    keep = has[at]
-    own_s = st.owner[on_s]
-    rows.append(move[keep])
-    es.append(np.array(on_s, dtype=np.int64)[keep])
-    owners.append(np.where(own_s == s, gs[at], own_s)[keep])
-    es = np.concatenate(es)
-    if not len(es):
+    for e in on_s:
+        i = hot.index(e)
+        if has[i]:
+            on[0].append(len(es))
+            on[1].append(gs[i])
+            off[0].append(len(es))
+            off[1].append(s)
+            es.append(e)
+            owners.append(gs[i] if owner[e] == s else owner[e])
+    if not es:
         return None
-    return es, np.concatenate(rows), np.concatenate(owners)
+    rows = st.x[es]
+    rows[tuple(on)] = True
+    rows[tuple(off)] = False
+    return np.array(es), rows, np.array(owners)
 
 
 def _expand_into_shrink(st: _State, best, width: int = 3):
