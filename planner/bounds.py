@@ -61,11 +61,15 @@ def compute_bound(cluster: Cluster, counts: np.ndarray) -> float:
     return float(max(base, with_lat, lat.max()))
 
 
-def _balance(weight, base, b, k, C, K, N, steps=50):
+def _balance(weight, base, b, k, C, K, N):
     """Smallest T with shares t_i >= 0, sum t_i = N and, for every group i,
     weight_i * T >= base_i + b_i t_i + k_i max(C_i - L_i, t_i - L_i), L_i = min(t_i, K_i) (the most a
     group can keep local). The right side is convex piecewise linear in t_i (breakpoints K_i,
-    C_i), so each group's feasible t form an interval: bisection on T."""
+    C_i), so each group's feasible t form an interval [lo_i(T), hi_i(T)], its ends piecewise linear
+    in T with breakpoints at the values the right side takes at the t-breakpoints. So the sums of
+    the ends are linear between consecutive such values: evaluated at a few of them, then at those
+    around the crossings, the smallest T with sum lo <= N <= sum hi is found exactly, by
+    interpolation (shaved by `SAFETY * 1e-3` relative, for rounding)."""
     n = len(weight)
     pts = np.stack([np.zeros(n), K, np.maximum(C, K), np.full(n, float(N))], axis=1)
     pts = np.maximum.accumulate(np.minimum(pts, N), axis=1)
@@ -80,26 +84,38 @@ def _balance(weight, base, b, k, C, K, N, steps=50):
     p0, p1, v0, v1 = (np.ascontiguousarray(v.T) for v in (pts[:, :3], pts[:, 1:], vals[:, :3], vals[:, 1:]))
     dv, dp, sloped = v1 - v0, p1 - p0, v1 != v0
 
-    def feasible(T):
-        """Feasibility at each level of the array T: bool[len(T)]; all pieces in one pass.
-        Monotone in T, in floating point too: every step is a monotone rounded operation."""
-        T = np.asarray(T, dtype=np.float64)[:, None, None]
+    def ends(T):
+        """(sum of lo_i, sum of hi_i) at each level of the array T >= t1; all pieces in one pass."""
+        T = T[:, None, None]
         ok0, ok1 = v0 <= T, v1 <= T  # [M, 3, n]
         frac = np.divide(T - v0, dv, out=np.zeros(ok0.shape), where=sloped)
         cross = p0 + np.clip(frac, 0.0, 1.0) * dp
         lo = np.where(ok0, p0, np.where(ok1, cross, np.inf)).min(axis=1)
         hi = np.where(ok1, p1, np.where(ok0, cross, -np.inf)).max(axis=1)
-        return (lo <= hi).all(axis=1) & (lo.sum(axis=1) <= N * (1 + 1e-12)) & (hi.sum(axis=1) >= N * (1 - 1e-12))
+        return lo.sum(axis=1), hi.sum(axis=1)
 
-    # a grid of 32 levels per round instead of one bisection step, all 32 in one call: few numpy
-    # calls. `lo_t` stays infeasible (or 0), so it is a valid bound whatever the rounding.
-    lo_t, hi_t = 0.0, float(vals.max())
-    for _ in range(max(1, steps // 16)):
-        grid = np.linspace(lo_t, hi_t, 33)[1:]
-        ok = feasible(grid)
-        first = int(np.argmax(ok)) if ok.any() else len(grid) - 1
-        lo_t, hi_t = (float(grid[first - 1]) if first > 0 else lo_t), float(grid[first])
-    return lo_t
+    # below every group's least value some group has no feasible share; from there on, every level
+    # (at the highest every group fits any share): sum lo falls and sum hi rises with T
+    t1 = float(vals.min(axis=1).max())
+    levels = np.unique(vals[vals >= t1])
+    # every step-th level first, then the levels between the two around each crossing
+    step = max(1, -(-len(levels) // 16))
+    coarse = np.unique(np.r_[np.arange(0, len(levels), step), len(levels) - 1])
+    lo, hi = ends(levels[coarse])
+    keep = np.zeros(len(levels), dtype=bool)
+    for j in (int(np.argmax(lo <= N)), int(np.argmax(hi >= N))):
+        if j > 0:
+            keep[coarse[j - 1]:coarse[j] + 1] = True
+    best = t1
+    if keep.any():
+        levels = levels[keep]
+        lo, hi = ends(levels)
+        for e, fits in ((lo, lo <= N), (hi, hi >= N)):
+            j = int(np.argmax(fits))  # the first level that fits, linear from the one before
+            if j > 0 and fits[j]:
+                a0, a1 = float(e[j - 1]), float(e[j])
+                best = max(best, float(levels[j - 1]) + (a0 - N) / (a0 - a1) * float(levels[j] - levels[j - 1]))
+    return best * (1 - 1e-3 * SAFETY)
 
 
 def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
