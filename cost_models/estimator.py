@@ -102,10 +102,14 @@ def port_time(cluster: Cluster, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndar
 def sync_bytes(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """[follower device, owner device] bytes of the gradient phase of replica sync (the weight
     phase is its transpose)."""
-    onehot = np.zeros_like(x, dtype=np.float64)
-    onehot[np.arange(x.shape[0]), owner] = 1.0
-    followers = x & (onehot == 0)  # replicas that are not the owner
-    return cluster.expert.param_bytes * (followers.astype(np.float64).T @ onehot)
+    x = np.asarray(x, dtype=bool)
+    e, g = np.nonzero(x)
+    follower = g != owner[e]  # replicas that are not the owner
+    n = x.shape[1]
+    # whole counts per (follower, owner) pair: the same numbers as a one-hot matrix product, at a
+    # fraction of its cost (a layer has a few replicas per expert, not devices^2 of them)
+    pairs = np.bincount(g[follower] * n + owner[e[follower]], minlength=n * n).reshape(n, n)
+    return cluster.expert.param_bytes * pairs.astype(np.float64)
 
 
 def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndarray,
