@@ -113,9 +113,10 @@ def sync_bytes(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray
 
 
 def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndarray,
-             owner: np.ndarray | None = None) -> Breakdown:
+             owner: np.ndarray | None = None, sync: np.ndarray | None = None) -> Breakdown:
     """Per-device breakdown of one layer's step. `counts[source, expert]` (any number of sources),
-    `x[e, g]` replicas, `share[e, g]` token shares, `owner[e]` (None: no replica sync cost)."""
+    `x[e, g]` replicas, `share[e, g]` token shares, `owner[e]` (None: no replica sync cost).
+    `sync`: `sync_seconds(cluster, x, owner)` if the caller has it (it does not depend on shares)."""
     num_devices = cluster.num_devices
     x = np.asarray(x, dtype=bool)
     share = np.asarray(share, dtype=np.float64)
@@ -130,7 +131,8 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     compute = cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens
     _, remote = route(counts, share, cluster.node_of)
     ports, a2a = a2a_seconds(cluster, remote)
-    sync = np.zeros(num_devices) if owner is None else sync_seconds(cluster, x, np.asarray(owner))
+    if sync is None:
+        sync = np.zeros(num_devices) if owner is None else sync_seconds(cluster, x, np.asarray(owner))
     return Breakdown(tokens, compute, *ports, a2a, sync, compute + a2a + sync)
 
 

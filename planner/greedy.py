@@ -313,15 +313,15 @@ def judge(cluster: Cluster, counts, cands, current, interval):
     its objective reads None. Candidates are estimated in the order of that bound."""
     bound = [compute_makespan(cluster, counts, x, s) for _, x, s, _ in cands]
     best, objs, found = (np.inf, len(cands)), {}, None
-    migration = {}  # by (x, owner): candidates that differ only in shares share it
+    same = {}  # by (x, owner): candidates that differ only in shares share migration and sync
     for i in sorted(range(len(cands)), key=bound.__getitem__):
         name, x, s, o = cands[i]
         if bound[i] > best[0] * (1 + PRUNE_MARGIN):
             objs[name] = None
             continue
         key = (x.tobytes(), np.asarray(o).tobytes())
-        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval, migration.get(key))
-        migration[key] = v.migration_s
+        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval, *same.get(key, (None, None)))
+        same[key] = v.migration_s, v.estimate.sync
         objs[name] = v.objective
         if (v.objective, i) < best:
             best, found = (v.objective, i), v

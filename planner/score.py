@@ -70,12 +70,14 @@ def objective(cluster: Cluster, counts, x, share, owner, current, interval) -> f
     return verdict(cluster, counts, x, share, owner, current, interval).objective
 
 
-def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migration: float | None = None) -> Verdict:
-    """`objective`'s numbers, kept for `finish`; `migration`: `migration_s` of this `x` and `owner`
-    if the caller has it already (it does not depend on the shares)."""
+def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migration: float | None = None,
+            sync: np.ndarray | None = None) -> Verdict:
+    """`objective`'s numbers, kept for `finish`; `migration` (`migration_s`) and `sync` (the
+    estimate's sync seconds) of this `x` and `owner` if the caller has them already (neither
+    depends on the shares)."""
     if migration is None:
         migration = migration_s(cluster, current, x, owner, interval)
-    return Verdict(share, owner, estimate(cluster, counts, x, share, owner), migration)
+    return Verdict(share, owner, estimate(cluster, counts, x, share, owner, sync), migration)
 
 
 def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: LayerPlan | None) -> np.ndarray:
