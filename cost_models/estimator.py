@@ -166,6 +166,14 @@ def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarr
     A new replica copies weights from an existing replica on its own node if there is one, else
     from the owner; a moved owner takes the optimizer state from the old owner.
     """
+    es, src, dst, weights = _transfers(cluster, old_x, old_owner, new_x, new_owner)
+    pb, ob = cluster.expert.param_bytes, cluster.expert.optimizer_bytes
+    return [(e, s_, g, "weights", pb) if w else (e, s_, g, "optimizer", ob)
+            for e, s_, g, w in zip(es.tolist(), src.tolist(), dst.tolist(), weights.tolist())]
+
+
+def _transfers(cluster: Cluster, old_x, old_owner, new_x, new_owner):
+    """`migration_transfers` as arrays (expert, src, dst, is-weights), in the same order."""
     nodes = cluster.node_of
     old_x, new_x = np.asarray(old_x, bool), np.asarray(new_x, bool)
     old_owner, new_owner = np.asarray(old_owner), np.asarray(new_owner)
@@ -173,11 +181,10 @@ def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarr
     # the first old holder on the new replica's node, else the old owner (vectorised)
     near = old_x[es] & (nodes[None, :] == nodes[gs][:, None])
     src = np.where(near.any(axis=1), near.argmax(axis=1), old_owner[es])
-    pb, ob = cluster.expert.param_bytes, cluster.expert.optimizer_bytes
-    out = [(e, s_, g, "weights", pb) for e, s_, g in zip(es.tolist(), src.tolist(), gs.tolist())]
-    out += [(e, int(old_owner[e]), int(new_owner[e]), "optimizer", ob)
-            for e in np.flatnonzero(new_owner != old_owner).tolist()]
-    return out
+    moved = np.flatnonzero(new_owner != old_owner)
+    return (np.concatenate([es, moved]), np.concatenate([src, old_owner[moved]]).astype(np.int64),
+            np.concatenate([gs, new_owner[moved]]).astype(np.int64),
+            np.arange(len(es) + len(moved)) < len(es))
 
 
 def migration_time(cluster: Cluster, transfers: list[tuple[int, int, int, str, int]]) -> float:
@@ -185,10 +192,24 @@ def migration_time(cluster: Cluster, transfers: list[tuple[int, int, int, str, i
     plus a latency per transfer it takes part in."""
     if not transfers:
         return 0.0
-    n = cluster.num_devices
     src = np.fromiter((t[1] for t in transfers), dtype=np.int64, count=len(transfers))
     dst = np.fromiter((t[2] for t in transfers), dtype=np.int64, count=len(transfers))
     b = np.fromiter((t[4] for t in transfers), dtype=np.float64, count=len(transfers))
+    return _transfer_seconds(cluster, src, dst, b)
+
+
+def migration_seconds(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarray, new_x: np.ndarray,
+                      new_owner: np.ndarray) -> float:
+    """`migration_time` of `migration_transfers`, without building the list (the planners' loops)."""
+    _, src, dst, weights = _transfers(cluster, old_x, old_owner, new_x, new_owner)
+    if not len(src):
+        return 0.0
+    b = np.where(weights, float(cluster.expert.param_bytes), float(cluster.expert.optimizer_bytes))
+    return _transfer_seconds(cluster, src, dst, b)
+
+
+def _transfer_seconds(cluster: Cluster, src: np.ndarray, dst: np.ndarray, b: np.ndarray) -> float:
+    n = cluster.num_devices
     nbytes = np.zeros((n, n))
     np.add.at(nbytes, (src, dst), b)
     latency = np.zeros(n)

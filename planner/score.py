@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import Breakdown, estimate, fold_sources, lower_bound, migration_time, migration_transfers
+from cost_models.estimator import Breakdown, estimate, fold_sources, lower_bound, migration_seconds
 from cost_models.files import InputError
 from planner import bounds
 from planner.plan import LayerPlan
@@ -46,8 +46,8 @@ def migration_s(cluster: Cluster, current: LayerPlan | None, x, owner, interval:
     """Seconds of migration per step, amortised over the steps the plan is expected to stay."""
     if current is None:
         return 0.0
-    t = migration_transfers(cluster, current.replicas(), current.owner, np.asarray(x, bool), np.asarray(owner))
-    return migration_time(cluster, t) / interval
+    old_x, new_x = current.replicas(), np.asarray(x, bool)
+    return migration_seconds(cluster, old_x, current.owner, new_x, np.asarray(owner)) / interval
 
 
 class Verdict(NamedTuple):
