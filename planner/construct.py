@@ -28,8 +28,8 @@ SEARCH_TOLERANCE = 1e-3  # relative: a finer target changes no placement that ma
 def _wrap(load, order, a, b, slots, target, light):
     """Fill devices in turn up to `target` seconds: first up to `light` whole items from the light
     end of `order`, then items from the heavy end, splitting the one that crosses the target onto
-    the next device (McNaughton's wrap-around). (pieces [(expert, device, tokens)], 0.0), or (None,
-    tokens left unplaced) when the slots run out first. Plain Python lists: this runs inside a search."""
+    the next device (McNaughton's wrap-around). Pieces [(expert, device, tokens)] or None when the
+    slots run out first. Plain Python lists: this runs inside a binary search."""
     rem = list(load)  # by expert
     pieces = []
     put = pieces.append
@@ -61,9 +61,7 @@ def _wrap(load, order, a, b, slots, target, light):
                     put((e, g, part))
                     rem[e] -= part
                 break
-    if lo > hi:
-        return pieces, 0.0
-    return None, rem[order[lo]] + sum(load[order[i]] for i in range(lo + 1, hi + 1))
+    return pieces if lo > hi else None
 
 
 def mcnaughton(cluster: Cluster, load: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,28 +82,30 @@ def wrap_tokens(load_arr: np.ndarray, a: np.ndarray, b: np.ndarray, slots: np.nd
     lb = float(max((load_arr.sum() + len(load_arr) * (a / b).min()) / (1.0 / b).sum(), 1e-12))
     order = np.argsort(-load_arr, kind="stable").tolist()
     load, a, b, slots = load_arr.tolist(), np.asarray(a).tolist(), np.asarray(b).tolist(), np.asarray(slots).tolist()
-    speed = float(sum(1.0 / v for v in b))  # tokens per second of all devices together
     best = None
     k = int(max(slots))
     # most light items first (usually the best), and a light count that cannot beat the best
     # target so far, less the search's tolerance, is dropped after that one trial
     for light in sorted(set(lights if lights is not None else {0, 1, k // 2, k - 1}) & set(range(k)), reverse=True):
-        lo = lb * 0.999
         if best is not None:
             hi = best[0] * (1 - SEARCH_TOLERANCE)
-            found = _wrap(load, order, a, b, slots, hi, light)[0]
+            found = _wrap(load, order, a, b, slots, hi, light)
             if found is None:
                 continue
         else:
-            hi, below, found = _from_below(load, order, a, b, slots, light, lb, speed)
-            if found is None:
-                continue
-            lo = max(lo, below)
+            hi = lb
+            found = _wrap(load, order, a, b, slots, hi, light)
+        while found is None and hi < 1e6 * (lb + 1.0):
+            hi *= 2.0
+            found = _wrap(load, order, a, b, slots, hi, light)
+        if found is None:
+            continue
+        lo = lb * 0.999
         for _ in range(SEARCH_STEPS):
             if hi - lo <= SEARCH_TOLERANCE * hi:
                 break
             mid = 0.5 * (lo + hi)
-            trial = _wrap(load, order, a, b, slots, mid, light)[0]
+            trial = _wrap(load, order, a, b, slots, mid, light)
             if trial is None:
                 lo = mid
             else:
@@ -118,24 +118,6 @@ def wrap_tokens(load_arr: np.ndarray, a: np.ndarray, b: np.ndarray, slots: np.nd
         x[e, g] = True
         y[e, g] += t
     return x, y
-
-
-def _from_below(load, order, a, b, slots, light, lb, speed):
-    """(the first feasible target found, the last infeasible one, its pieces), searching up from
-    the lower bound `lb`: the tokens an infeasible trial leaves unplaced, extrapolated to none by
-    the secant through the last two trials (the first step: those tokens' seconds on all devices
-    together), give the next target, aimed half the search's tolerance below that point and at
-    least that far above the last infeasible one; so the first feasible target usually lies within
-    the tolerance of the last infeasible one and no bisection is left. (None, None, None) if none."""
-    half = 0.5 * SEARCH_TOLERANCE
-    t, prev = lb, None
-    while t < 1e6 * (lb + 1.0):
-        found, short = _wrap(load, order, a, b, slots, t, light)
-        if found is not None:
-            return t, (prev[0] if prev else 0.0), found
-        prev = (t, short)
-        t = max(t + short / speed, t * (1 + half))
-    return None, None, None
 
 
 def balance_shares(x: np.ndarray, load: np.ndarray, a: np.ndarray, b: np.ndarray, rounds: int = 4,
