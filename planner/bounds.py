@@ -71,17 +71,13 @@ def _balance(weight, base, b, k, C, K, N):
     around the crossings, the smallest T with sum lo <= N <= sum hi is found exactly, by
     interpolation (shaved by `SAFETY * 1e-3` relative, for rounding)."""
     n = len(weight)
-    pts = np.stack([np.zeros(n), K, np.maximum(C, K), np.full(n, float(N))], axis=1)
-    pts = np.maximum.accumulate(np.minimum(pts, N), axis=1)
-
-    def f(t):
-        L = np.minimum(t, K)
-        return (base + b * t + k * np.maximum(C - L, t - L)) / weight
-
-    vals = np.stack([f(pts[:, i]) for i in range(4)], axis=1)
-
-    # [3, n] linear pieces, groups last: numpy's inner loops then run over the groups, not 3 pieces
-    p0, p1, v0, v1 = (np.ascontiguousarray(v.T) for v in (pts[:, :3], pts[:, 1:], vals[:, :3], vals[:, 1:]))
+    # [4, n]: the t-breakpoints and the right side's values there, groups last (numpy's inner loops
+    # then run over the groups, not over 4 points)
+    pts = np.stack([np.zeros(n), K, np.maximum(C, K), np.full(n, float(N))])
+    pts = np.maximum.accumulate(np.minimum(pts, N), axis=0)
+    L = np.minimum(pts, K)
+    vals = (base + b * pts + k * np.maximum(C - L, pts - L)) / weight
+    p0, p1, v0, v1 = pts[:3], pts[1:], vals[:3], vals[1:]  # [3, n] linear pieces
     dv, dp, sloped = v1 - v0, p1 - p0, v1 != v0
 
     def ends(T):
@@ -96,16 +92,17 @@ def _balance(weight, base, b, k, C, K, N):
 
     # below every group's least value some group has no feasible share; from there on, every level
     # (at the highest every group fits any share): sum lo falls and sum hi rises with T
-    t1 = float(vals.min(axis=1).max())
+    t1 = float(vals.min(axis=0).max())
     levels = np.unique(vals[vals >= t1])
-    # every step-th level first, then the levels between the two around each crossing
-    step = max(1, -(-len(levels) // 16))
-    coarse = np.unique(np.r_[np.arange(0, len(levels), step), len(levels) - 1])
-    lo, hi = ends(levels[coarse])
-    keep = np.zeros(len(levels), dtype=bool)
-    for j in (int(np.argmax(lo <= N)), int(np.argmax(hi >= N))):
-        if j > 0:
-            keep[coarse[j - 1]:coarse[j] + 1] = True
+    keep = np.ones(len(levels), dtype=bool)
+    if len(levels) > 48:  # every step-th level first, then the levels between the two around each crossing
+        step = -(-len(levels) // 16)
+        coarse = np.unique(np.r_[np.arange(0, len(levels), step), len(levels) - 1])
+        lo, hi = ends(levels[coarse])
+        keep[:] = False
+        for j in (int(np.argmax(lo <= N)), int(np.argmax(hi >= N))):
+            if j > 0:
+                keep[coarse[j - 1]:coarse[j] + 1] = True
     best = t1
     if keep.any():
         levels = levels[keep]
@@ -135,7 +132,7 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     c = np.minimum(ci, co)
     c = np.where(np.isfinite(c), c, 0.0)  # a lone device sends nothing
     C = counts.sum(axis=1)
-    srt = -np.sort(-counts, axis=1)
+    srt = np.sort(counts, axis=1)[:, ::-1]  # descending
     smax = min(int(cluster.slots.max()), srt.shape[1])  # fewer experts than slots: all of them
     K = (srt[:, :smax] * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
     N = float(counts.sum())
@@ -145,11 +142,12 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
         onehot = cluster.node_onehot  # [G, K]
         D = onehot.T @ counts  # [K, E] node demand
         slots = onehot.T @ cluster.slots
-        Ds = -np.sort(-D, axis=1)
+        Ds = np.sort(D, axis=1)[:, ::-1]
         KN = np.array([Ds[n, :int(slots[n])].sum() for n in range(nodes)])
         # a node's devices' total time: sum_g (T - lat_g) >= b Y + 4 tb co max(out, in); co is each
         # node's cheapest inter-node link
-        con = np.array([co[cluster.node_index == n].min() for n in range(nodes)])
+        con = np.full(nodes, np.inf)
+        np.minimum.at(con, cluster.node_index, co)
         best = max(best, _balance(onehot.sum(axis=0), onehot.T @ lat, np.full(nodes, b[0]), unit * con,
                                   D.sum(axis=1), KN, N))
     return float(best)
