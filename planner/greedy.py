@@ -54,15 +54,18 @@ class _State:
         self.cost_inter = tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
         self.r = self.x.sum(axis=1)
         self.q = load / self.r  # tokens per replica
-        self.tok = (self.x * (load / self.r)[:, None]).sum(axis=0)
+        self.tok = (self.x * self.q[:, None]).sum(axis=0)
         self.n = self.x.sum(axis=0)
         self.last = None
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
         self.sync_to = SYNC_PHASES * self.P * self.invb.T
         near = np.take(x0 @ self.onehot, self.node, axis=1) > 0
-        # on devices that held the expert before, nothing to copy
-        self.copy_s = np.where(x0, 0.0, self.P * np.where(near, self.inv_intra, self.invb[owner0]))
+        copy_s = self.invb[owner0]  # in place from here: [E, G] temporaries cost page faults
+        np.copyto(copy_s, self.inv_intra, where=near)
+        copy_s *= self.P
+        copy_s[x0] = 0.0  # on devices that held the expert before, nothing to copy
+        self.copy_s = copy_s
         # moving the optimizer state, [from, to]: 0 on the diagonal (inv_beta's), so adding it for
         # every candidate's owner changes only the moved ones
         self.opt_s = cluster.expert.optimizer_bytes * self.invb
