@@ -102,16 +102,21 @@ def port_time(cluster: Cluster, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndar
 def sync_bytes(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """[follower device, owner device] bytes of the gradient phase of replica sync (the weight
     phase is its transpose)."""
-    onehot = np.zeros_like(x, dtype=np.float64)
-    onehot[np.arange(x.shape[0]), owner] = 1.0
-    followers = x & (onehot == 0)  # replicas that are not the owner
-    return cluster.expert.param_bytes * (followers.astype(np.float64).T @ onehot)
+    x = np.asarray(x, dtype=bool)
+    e, g = np.nonzero(x)
+    follower = g != owner[e]  # replicas that are not the owner
+    n = x.shape[1]
+    # whole counts per (follower, owner) pair: the same numbers as a one-hot matrix product, at a
+    # fraction of its cost (a layer has a few replicas per expert, not devices^2 of them)
+    pairs = np.bincount(g[follower] * n + owner[e[follower]], minlength=n * n).reshape(n, n)
+    return cluster.expert.param_bytes * pairs.astype(np.float64)
 
 
 def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndarray,
-             owner: np.ndarray | None = None) -> Breakdown:
+             owner: np.ndarray | None = None, sync: np.ndarray | None = None) -> Breakdown:
     """Per-device breakdown of one layer's step. `counts[source, expert]` (any number of sources),
-    `x[e, g]` replicas, `share[e, g]` token shares, `owner[e]` (None: no replica sync cost)."""
+    `x[e, g]` replicas, `share[e, g]` token shares, `owner[e]` (None: no replica sync cost).
+    `sync`: `sync_seconds(cluster, x, owner)` if the caller has it (it does not depend on shares)."""
     num_devices = cluster.num_devices
     x = np.asarray(x, dtype=bool)
     share = np.asarray(share, dtype=np.float64)
@@ -126,7 +131,8 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     compute = cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens
     _, remote = route(counts, share, cluster.node_of)
     ports, a2a = a2a_seconds(cluster, remote)
-    sync = np.zeros(num_devices) if owner is None else sync_seconds(cluster, x, np.asarray(owner))
+    if sync is None:
+        sync = np.zeros(num_devices) if owner is None else sync_seconds(cluster, x, np.asarray(owner))
     return Breakdown(tokens, compute, *ports, a2a, sync, compute + a2a + sync)
 
 
@@ -160,6 +166,14 @@ def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarr
     A new replica copies weights from an existing replica on its own node if there is one, else
     from the owner; a moved owner takes the optimizer state from the old owner.
     """
+    es, src, dst, weights = _transfers(cluster, old_x, old_owner, new_x, new_owner)
+    pb, ob = cluster.expert.param_bytes, cluster.expert.optimizer_bytes
+    return [(e, s_, g, "weights", pb) if w else (e, s_, g, "optimizer", ob)
+            for e, s_, g, w in zip(es.tolist(), src.tolist(), dst.tolist(), weights.tolist())]
+
+
+def _transfers(cluster: Cluster, old_x, old_owner, new_x, new_owner):
+    """`migration_transfers` as arrays (expert, src, dst, is-weights), in the same order."""
     nodes = cluster.node_of
     old_x, new_x = np.asarray(old_x, bool), np.asarray(new_x, bool)
     old_owner, new_owner = np.asarray(old_owner), np.asarray(new_owner)
@@ -167,11 +181,10 @@ def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarr
     # the first old holder on the new replica's node, else the old owner (vectorised)
     near = old_x[es] & (nodes[None, :] == nodes[gs][:, None])
     src = np.where(near.any(axis=1), near.argmax(axis=1), old_owner[es])
-    pb, ob = cluster.expert.param_bytes, cluster.expert.optimizer_bytes
-    out = [(e, s_, g, "weights", pb) for e, s_, g in zip(es.tolist(), src.tolist(), gs.tolist())]
-    out += [(e, int(old_owner[e]), int(new_owner[e]), "optimizer", ob)
-            for e in np.flatnonzero(new_owner != old_owner).tolist()]
-    return out
+    moved = np.flatnonzero(new_owner != old_owner)
+    return (np.concatenate([es, moved]), np.concatenate([src, old_owner[moved]]).astype(np.int64),
+            np.concatenate([gs, new_owner[moved]]).astype(np.int64),
+            np.arange(len(es) + len(moved)) < len(es))
 
 
 def migration_time(cluster: Cluster, transfers: list[tuple[int, int, int, str, int]]) -> float:
@@ -179,10 +192,24 @@ def migration_time(cluster: Cluster, transfers: list[tuple[int, int, int, str, i
     plus a latency per transfer it takes part in."""
     if not transfers:
         return 0.0
-    n = cluster.num_devices
     src = np.fromiter((t[1] for t in transfers), dtype=np.int64, count=len(transfers))
     dst = np.fromiter((t[2] for t in transfers), dtype=np.int64, count=len(transfers))
     b = np.fromiter((t[4] for t in transfers), dtype=np.float64, count=len(transfers))
+    return _transfer_seconds(cluster, src, dst, b)
+
+
+def migration_seconds(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarray, new_x: np.ndarray,
+                      new_owner: np.ndarray) -> float:
+    """`migration_time` of `migration_transfers`, without building the list (the planners' loops)."""
+    _, src, dst, weights = _transfers(cluster, old_x, old_owner, new_x, new_owner)
+    if not len(src):
+        return 0.0
+    b = np.where(weights, float(cluster.expert.param_bytes), float(cluster.expert.optimizer_bytes))
+    return _transfer_seconds(cluster, src, dst, b)
+
+
+def _transfer_seconds(cluster: Cluster, src: np.ndarray, dst: np.ndarray, b: np.ndarray) -> float:
+    n = cluster.num_devices
     nbytes = np.zeros((n, n))
     np.add.at(nbytes, (src, dst), b)
     latency = np.zeros(n)

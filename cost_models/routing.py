@@ -200,7 +200,10 @@ def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None
     share = np.asarray(share, dtype=np.float64)
     demand = c.sum(axis=1, keepdims=True) * share
     local = np.minimum(c, demand)  # 1. own replica
-    rest, cap = c - local, demand - local
+    rest = c - local
+    cap = np.subtract(demand, local, out=demand)
+    # [E, G] products in place, into one scratch array: at large E each new one costs page faults
+    tmp = np.empty_like(cap)
     if nodes is not None:  # 2. inside each node: min(rest, cap) of the node moves, in proportion
         node = dense_nodes(nodes)
         onehot = np.eye(int(node.max()) + 1)[node]  # [G, K]
@@ -209,13 +212,14 @@ def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None
         inv = np.divide(1.0, m_node, out=np.zeros_like(m_node), where=m_node > 0)
         same = node[:, None] == node[None, :]
         # np.take, not [:, node]: that result is laid out column-major, slow in what follows
-        remote = ((rest * np.take(inv, node, axis=1)).T @ cap) * same
-        rest = rest * np.take((m_node - c_node) * inv, node, axis=1)  # what the node could not absorb
-        cap = cap * np.take((m_node - r_node) * inv, node, axis=1)  # what its replicas still take
+        tmp = np.take(inv, node, axis=1, out=tmp, mode="clip")
+        remote = ((tmp * rest).T @ cap) * same
+        rest *= np.take((m_node - c_node) * inv, node, axis=1, out=tmp, mode="clip")  # the node could not absorb
+        cap *= np.take((m_node - r_node) * inv, node, axis=1, out=tmp, mode="clip")  # its replicas still take
     else:
         remote = np.zeros((c.shape[1], c.shape[1]))
     total = cap.sum(axis=1, keepdims=True)  # 3. the rest crosses, over the spare capacity left
-    remote += rest.T @ np.divide(cap, total, out=np.zeros_like(cap), where=total > 0)
+    remote += rest.T @ np.divide(cap, np.where(total > 0, total, 1.0), out=tmp)  # a row of 0 stays 0
     np.fill_diagonal(remote, 0.0)
     return local, remote
 

@@ -61,48 +61,58 @@ def compute_bound(cluster: Cluster, counts: np.ndarray) -> float:
     return float(max(base, with_lat, lat.max()))
 
 
-def _balance(weight, base, b, k, C, K, N, steps=50):
+def _balance(weight, base, b, k, C, K, N):
     """Smallest T with shares t_i >= 0, sum t_i = N and, for every group i,
     weight_i * T >= base_i + b_i t_i + k_i max(C_i - L_i, t_i - L_i), L_i = min(t_i, K_i) (the most a
     group can keep local). The right side is convex piecewise linear in t_i (breakpoints K_i,
-    C_i), so each group's feasible t form an interval: bisection on T."""
+    C_i), so each group's feasible t form an interval [lo_i(T), hi_i(T)], its ends piecewise linear
+    in T with breakpoints at the values the right side takes at the t-breakpoints. So the sums of
+    the ends are linear between consecutive such values: evaluated at a few of them, then at those
+    around the crossings, the smallest T with sum lo <= N <= sum hi is found exactly, by
+    interpolation (shaved by `SAFETY * 1e-3` relative, for rounding)."""
     n = len(weight)
-    pts = np.stack([np.zeros(n), K, np.maximum(C, K), np.full(n, float(N))], axis=1)
-    pts = np.maximum.accumulate(np.minimum(pts, N), axis=1)
-
-    def f(t):
-        L = np.minimum(t, K)
-        return (base + b * t + k * np.maximum(C - L, t - L)) / weight
-
-    vals = np.stack([f(pts[:, i]) for i in range(4)], axis=1)
-
-    p0, p1, v0, v1 = pts[:, :3], pts[:, 1:], vals[:, :3], vals[:, 1:]  # [n, 3] linear pieces
+    # [4, n]: the t-breakpoints and the right side's values there, groups last (numpy's inner loops
+    # then run over the groups, not over 4 points)
+    pts = np.stack([np.zeros(n), K, np.maximum(C, K), np.full(n, float(N))])
+    pts = np.maximum.accumulate(np.minimum(pts, N), axis=0)
+    L = np.minimum(pts, K)
+    vals = (base + b * pts + k * np.maximum(C - L, pts - L)) / weight
+    p0, p1, v0, v1 = pts[:3], pts[1:], vals[:3], vals[1:]  # [3, n] linear pieces
     dv, dp, sloped = v1 - v0, p1 - p0, v1 != v0
 
-    def feasible(T):
-        """Feasibility at each level of the array T: bool[len(T)]; all pieces in one pass.
-        Monotone in T, in floating point too: every step is a monotone rounded operation."""
-        T = np.asarray(T, dtype=np.float64)[:, None, None]
-        ok0, ok1 = v0 <= T, v1 <= T  # [M, n, 3]
+    def ends(T):
+        """(sum of lo_i, sum of hi_i) at each level of the array T >= t1; all pieces in one pass."""
+        T = T[:, None, None]
+        ok0, ok1 = v0 <= T, v1 <= T  # [M, 3, n]
         frac = np.divide(T - v0, dv, out=np.zeros(ok0.shape), where=sloped)
         cross = p0 + np.clip(frac, 0.0, 1.0) * dp
-        lo = np.where(ok0, p0, np.where(ok1, cross, np.inf)).min(axis=2)
-        hi = np.where(ok1, p1, np.where(ok0, cross, -np.inf)).max(axis=2)
-        return (lo <= hi).all(axis=1) & (lo.sum(axis=1) <= N * (1 + 1e-12)) & (hi.sum(axis=1) >= N * (1 - 1e-12))
+        lo = np.where(ok0, p0, np.where(ok1, cross, np.inf)).min(axis=1)
+        hi = np.where(ok1, p1, np.where(ok0, cross, -np.inf)).max(axis=1)
+        return lo.sum(axis=1), hi.sum(axis=1)
 
-    # a grid of 32 levels per round instead of one bisection step: few numpy calls. `lo_t` stays
-    # infeasible (or 0), so it is a valid bound whatever the rounding. Feasibility being monotone,
-    # the first feasible level is found from every fourth level, then the three before it.
-    lo_t, hi_t = 0.0, float(vals.max())
-    for _ in range(max(1, steps // 16)):
-        grid = np.linspace(lo_t, hi_t, 33)[1:]
-        ok = feasible(grid[3::4])
-        first = 4 * int(np.argmax(ok)) + 3 if ok.any() else len(grid) - 1
-        if ok.any():
-            fine = feasible(grid[first - 3:first])
-            first -= 3 - int(np.argmax(fine)) if fine.any() else 0
-        lo_t, hi_t = (float(grid[first - 1]) if first > 0 else lo_t), float(grid[first])
-    return lo_t
+    # below every group's least value some group has no feasible share; from there on, every level
+    # (at the highest every group fits any share): sum lo falls and sum hi rises with T
+    t1 = float(vals.min(axis=0).max())
+    levels = np.unique(vals[vals >= t1])
+    keep = np.ones(len(levels), dtype=bool)
+    if len(levels) > 48:  # every step-th level first, then the levels between the two around each crossing
+        step = -(-len(levels) // 16)
+        coarse = np.unique(np.r_[np.arange(0, len(levels), step), len(levels) - 1])
+        lo, hi = ends(levels[coarse])
+        keep[:] = False
+        for j in (int(np.argmax(lo <= N)), int(np.argmax(hi >= N))):
+            if j > 0:
+                keep[coarse[j - 1]:coarse[j] + 1] = True
+    best = t1
+    if keep.any():
+        levels = levels[keep]
+        lo, hi = ends(levels)
+        for e, fits in ((lo, lo <= N), (hi, hi >= N)):
+            j = int(np.argmax(fits))  # the first level that fits, linear from the one before
+            if j > 0 and fits[j]:
+                a0, a1 = float(e[j - 1]), float(e[j])
+                best = max(best, float(levels[j - 1]) + (a0 - N) / (a0 - a1) * float(levels[j] - levels[j - 1]))
+    return best * (1 - 1e-3 * SAFETY)
 
 
 def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
@@ -122,7 +132,7 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     c = np.minimum(ci, co)
     c = np.where(np.isfinite(c), c, 0.0)  # a lone device sends nothing
     C = counts.sum(axis=1)
-    srt = -np.sort(-counts, axis=1)
+    srt = np.sort(counts, axis=1)[:, ::-1]  # descending
     smax = min(int(cluster.slots.max()), srt.shape[1])  # fewer experts than slots: all of them
     K = (srt[:, :smax] * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
     N = float(counts.sum())
@@ -132,11 +142,12 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
         onehot = cluster.node_onehot  # [G, K]
         D = onehot.T @ counts  # [K, E] node demand
         slots = onehot.T @ cluster.slots
-        Ds = -np.sort(-D, axis=1)
+        Ds = np.sort(D, axis=1)[:, ::-1]
         KN = np.array([Ds[n, :int(slots[n])].sum() for n in range(nodes)])
         # a node's devices' total time: sum_g (T - lat_g) >= b Y + 4 tb co max(out, in); co is each
         # node's cheapest inter-node link
-        con = np.array([co[cluster.node_index == n].min() for n in range(nodes)])
+        con = np.full(nodes, np.inf)
+        np.minimum.at(con, cluster.node_index, co)
         best = max(best, _balance(onehot.sum(axis=0), onehot.T @ lat, np.full(nodes, b[0]), unit * con,
                                   D.sum(axis=1), KN, N))
     return float(best)

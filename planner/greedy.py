@@ -29,6 +29,7 @@ PRUNE_MARGIN = 1e-9  # relative: a bound must beat the best by this to skip an e
 # experts x devices up to which the node-aware constructions are tried here: they cost about
 # 20 ms per variant at 256 x 64, over the greedy's budget; the ILP, which has seconds, always tries them
 HIERARCHICAL_CELLS = 4096
+TINY = np.finfo(np.float64).tiny
 
 
 class _State:
@@ -52,47 +53,65 @@ class _State:
         self.cost_intra = tb * self.inv_intra
         self.cost_inter = tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
         self.r = self.x.sum(axis=1)
-        self.tok = (self.x * (load / self.r)[:, None]).sum(axis=0)
+        self.q = load / self.r  # tokens per replica
+        self.tok = (self.x * self.q[:, None]).sum(axis=0)
         self.n = self.x.sum(axis=0)
-        es = np.arange(len(load))
         self.last = None
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
         self.sync_to = SYNC_PHASES * self.P * self.invb.T
         near = np.take(x0 @ self.onehot, self.node, axis=1) > 0
-        self.copy_s = self.P * np.where(near, self.inv_intra, self.invb[owner0])
-        self.sync_e, self.mig_e, self.a2a_e = self._rows(es, self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
+        copy_s = self.invb[owner0]  # in place from here: [E, G] temporaries cost page faults
+        np.copyto(copy_s, self.inv_intra, where=near)
+        copy_s *= self.P
+        copy_s[x0] = 0.0  # on devices that held the expert before, nothing to copy
+        self.copy_s = copy_s
+        # moving the optimizer state, [from, to]: 0 on the diagonal (inv_beta's), so adding it for
+        # every candidate's owner changes only the moved ones
+        self.opt_s = cluster.expert.optimizer_bytes * self.invb
+        self.sync_e, self.mig_e, self.a2a_e = self._rows(slice(None), self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
         self.sync, self.mig, self.a2a_parts = self.sync_e.sum(0), self.mig_e.sum(0), self.a2a_e.sum(0)
 
-    def _rows(self, es, rows, owners):
-        """Per-device proxy terms of experts `es` placed as `rows[k, g]` with owners `owners[k]`:
-        sync seconds, migration receive seconds, and all-to-all (send intra, recv intra, send
-        inter, recv inter) seconds under even shares, routed by the estimator's hierarchical rule
-        (exact for the all-to-all when each link class has one bandwidth)."""
-        k = np.arange(len(es))
+    def _rows(self, es, rows, owners, y=None):
+        """Per-device proxy terms of experts `es` (indices, or a slice: views, no copies) placed as
+        `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds, and
+        all-to-all (send intra, recv intra, send inter, recv inter) seconds under even shares,
+        routed by the estimator's hierarchical rule (exact for the all-to-all when each link class
+        has one bandwidth). `y`: the rows' tokens per replica, if the caller has them."""
+        n = len(rows)
+        k = np.arange(n)
         rows = np.asarray(rows, bool)
-        rf = rows.astype(np.float64)
+        if y is None:
+            y = rows * (self.load[es] / np.maximum(rows.sum(axis=1), 1))[:, None]
         # sync: each follower and its owner pay a replica's bytes per phase over their link
-        f = rf * self.sync_to[owners]
+        f = self.sync_to[owners]
+        f *= rows
         f[k, owners] = 0.0
         f[k, owners] = f.sum(axis=1)
         # migration: new replicas copy from the same node if the expert is there, else from the owner
-        mig = np.where(rows & ~self.x0[es], self.copy_s[es], 0.0)
-        src = self.owner0[es]
-        moved = owners != src
-        if moved.any():
-            mig[k[moved], owners[moved]] += self.c.expert.optimizer_bytes * self.invb[src[moved], owners[moved]]
+        mig = np.where(rows, self.copy_s[es], 0.0)
+        mig[k, owners] += self.opt_s[self.owner0[es], owners]
         # all-to-all, routed as the estimator routes: own device, own node, then other nodes
-        y = rf * (self.load[es] / np.maximum(rf.sum(axis=1), 1))[:, None]
         c = self.counts[es]
         local = np.minimum(c, y)
-        sr = np.stack([c - local, y - local], axis=1)  # [k, send or receive, G]: tokens off the device
-        by_node = (sr.reshape(-1, sr.shape[2]) @ self.onehot).reshape(len(es), 2, -1)
-        m_node = np.maximum(by_node[:, :1], by_node[:, 1:])
-        # the part that stays in the node: a sender's by what its node takes, a receiver's by what it sends
-        stay = np.divide(by_node[:, ::-1], m_node, out=np.zeros_like(by_node), where=m_node > 0)
+        sr = np.empty((n, 2, c.shape[1]))  # [k, send or receive, G]: tokens off the device
+        np.subtract(c, local, out=sr[:, 0])
+        np.subtract(y, local, out=sr[:, 1])
+        by_node = (sr.reshape(2 * n, -1) @ self.onehot).reshape(n, 2, -1)
+        # the part that stays in the node: a sender's by what its node takes, a receiver's by what it
+        # sends (0 / TINY = 0 where neither moves anything; tokens are never subnormal)
+        m_node = np.maximum(np.maximum(by_node[:, :1], by_node[:, 1:]), TINY)
+        stay = by_node[:, ::-1] / m_node
         stay = np.take(stay, self.node, axis=2)  # not stay[..., node]: laid out column-major, slow to use
-        return f, mig, np.concatenate([sr * stay * self.cost_intra, sr * (1 - stay) * self.cost_inter], axis=1)
+        # in place, in the order `sr * stay * cost`: few large temporaries (each costs page faults)
+        a2a = np.empty((n, 4, c.shape[1]))
+        intra, inter = a2a[:, :2], a2a[:, 2:]
+        np.multiply(sr, stay, out=intra)
+        intra *= self.cost_intra
+        np.subtract(1, stay, out=stay)
+        np.multiply(sr, stay, out=inter)
+        inter *= self.cost_inter
+        return f, mig, a2a
 
     def _a2a(self, parts):
         intra = np.maximum(parts[..., 0, :], parts[..., 1, :])
@@ -106,40 +125,35 @@ class _State:
         return p.max() + mig.max() / self.interval
 
     def trial(self, e, row, own):
-        return float(self.trials([(e, row, own)])[0])
+        return float(self.trials(np.array([e]), row[None, :], np.array([own]))[0])
 
-    def trials(self, cands):
-        """Objectives if each (expert, replica row, owner) change alone were made: one numpy pass."""
-        es = np.array([c[0] for c in cands])
-        rows = np.array([c[1] for c in cands], dtype=bool)
-        owners = np.array([c[2] for c in cands])
+    def trials(self, es, rows, owners):
+        """Objectives if each change (expert `es[k]` to replica row `rows[k]` with owner `owners[k]`)
+        alone were made: one numpy pass. `apply(..., k)` reuses the rows computed here."""
         xe, le = self.x[es], self.load[es]
-        dt = rows * (le / rows.sum(axis=1))[:, None] - xe * (le / self.r[es])[:, None]
-        s, m, a2a = self._rows(es, rows, owners)
-        self.last = (cands, s, m, a2a)  # `apply` reuses the rows of the candidate it is given
+        y = rows * (le / rows.sum(axis=1))[:, None]  # tokens per replica after the change
+        dt = y - xe * self.q[es][:, None]
+        s, m, a2a = self._rows(es, rows, owners, y)
+        self.last = (s, m, a2a)
         p = (self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
              + self._a2a(self.a2a_parts[None] - self.a2a_e[es] + a2a))
         return p.max(axis=1) + (self.mig - self.mig_e[es] + m).max(axis=1) / self.interval
 
-    def apply(self, e, row, own):
+    def apply(self, e, row, own, k=None):
+        """Make the change; `k`: its index in the last `trials`, whose rows are then reused."""
         r_new = row.sum()
         self.tok += row * (self.load[e] / r_new) - self.x[e] * (self.load[e] / self.r[e])
         self.n += row.astype(np.int64) - self.x[e]
-        s = None
-        if self.last is not None:  # the last trials' rows for this very change, if it was among them
-            cands, ss, mm, aa = self.last
-            for i, (ce, crow, cown) in enumerate(cands):
-                if ce == e and cown == own and crow is row:
-                    s, m, a2a = ss[i], mm[i], aa[i]
-                    break
-        self.last = None
-        if s is None:
+        if k is not None:
+            s, m, a2a = (v[k] for v in self.last)
+        else:
             (s,), (m,), (a2a,) = self._rows(np.array([e]), row[None, :], np.array([own]))
+        self.last = None
         self.sync += s - self.sync_e[e]
         self.mig += m - self.mig_e[e]
         self.a2a_parts += a2a - self.a2a_e[e]
         self.sync_e[e], self.mig_e[e], self.a2a_e[e] = s, m, a2a
-        self.x[e], self.owner[e], self.r[e] = row, own, r_new
+        self.x[e], self.owner[e], self.r[e], self.q[e] = row, own, r_new, self.load[e] / r_new
 
 
 def _intra(cluster):
@@ -147,42 +161,60 @@ def _intra(cluster):
 
 
 def _candidates(st: _State):
-    """The paper's three moves, from the current state: (expert, new row, new owner). Expansion
-    is also tried for the straggler's own experts: the hottest expert may sit elsewhere."""
-    c = st.c
+    """The paper's three moves, from the current state: (experts[k], new rows[k, G], new owners[k]),
+    or None. Expansion is also tried for the straggler's own experts: the hottest expert may sit
+    elsewhere. Built with few numpy calls (the loop's cost is their overhead): one gather of the
+    experts' rows, then the changed cells set in two assignments."""
     p = st.times()
-    free = c.slots - st.n
-    q = st.load / st.r
-    out = []
-    # expand the expert with the highest load per replica onto the least busy device with room
-    s = int(np.argmax(p))
-    hot = [int(e) for e in np.argsort(-q, kind="stable")[:2]]
-    on_s = np.flatnonzero(st.x[:, s])
-    hot += [int(e) for e in on_s if e not in hot]  # and the straggler's experts
-    # the least busy device with room and no replica yet, for all these experts at once (first of equals)
-    ok = (free > 0)[None, :] & ~st.x[hot]
-    gs, has = np.where(ok, p[None, :], np.inf).argmin(axis=1), ok.any(axis=1).tolist()
-    grow = st.x[hot]  # a copy: one new row per expert
-    grow[np.arange(len(hot)), gs] = True
-    out += [(e, grow[i], st.owner[e]) for i, e in enumerate(hot) if has[i]]
+    q = st.q
+    s = int(p.argmax())
+    # expand the two experts with the highest load per replica (first of equals, as a stable sort)
+    h1 = int(q.argmax())
+    q1, q[h1] = q[h1], -np.inf
+    hot = [h1, int(q.argmax())] if len(q) > 1 else [h1]
+    q[h1] = q1
+    on_s = np.flatnonzero(st.x[:, s]).tolist()
+    hot += [e for e in on_s if e not in hot]  # and the straggler's experts
+    # onto the least busy device with room and no replica yet (first of equals)
+    ok = (st.n < st.c.slots) & ~st.x[hot]
+    gs = np.where(ok, p, np.inf).argmin(axis=1).tolist()
+    has = ok.any(axis=1).tolist()
+    owner = st.owner
+    es = [e for e, h in zip(hot, has) if h]
+    owners = [owner[e] for e in es]
+    on, off = [[], []], [[], []]  # (candidate, device) cells set, cleared
+    on[0] += range(len(es))
+    on[1] += [g for g, h in zip(gs, has) if h]
     # shrink the expert with the lowest load per replica, on its busiest device
-    multi = np.flatnonzero(st.r > 1)
-    if len(multi):
-        e = int(multi[np.argmin(q[multi])])
-        devs = np.flatnonzero(st.x[e])
-        g = int(devs[np.argmax(p[devs])])
-        row = st.x[e].copy()
-        row[g] = False
-        own = st.owner[e] if st.owner[e] != g else int(np.flatnonzero(row)[np.argmin(p[row])])
-        out.append((e, row, own))
+    e = int(np.where(st.r > 1, q, np.inf).argmin())
+    if st.r[e] > 1:
+        row = st.x[e]
+        g = int(np.where(row, p, -np.inf).argmax())
+        own = owner[e]
+        if own == g:
+            left = row.copy()
+            left[g] = False
+            own = int(np.where(left, p, np.inf).argmin())
+        off[0].append(len(es))
+        off[1].append(g)
+        es.append(e)
+        owners.append(own)
     # migrate a replica off the straggler to the least busy device with room (found above: on_s is in hot)
-    at = [hot.index(e) for e in on_s.tolist()]
-    move = st.x[on_s]
-    move[:, s] = False
-    move[np.arange(len(at)), gs[at]] = True
-    out += [(e, move[i], g if st.owner[e] == s else st.owner[e])
-            for i, (e, g) in enumerate(zip(on_s.tolist(), gs[at].tolist())) if has[at[i]]]
-    return out
+    for e in on_s:
+        i = hot.index(e)
+        if has[i]:
+            on[0].append(len(es))
+            on[1].append(gs[i])
+            off[0].append(len(es))
+            off[1].append(s)
+            es.append(e)
+            owners.append(gs[i] if owner[e] == s else owner[e])
+    if not es:
+        return None
+    rows = st.x[es]
+    rows[tuple(on)] = True
+    rows[tuple(off)] = False
+    return np.array(es), rows, np.array(owners)
 
 
 def _expand_into_shrink(st: _State, best, width: int = 3):
@@ -242,19 +274,20 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
             break
         step, obj = None, best
         cands = _candidates(st)
-        if cands:
-            objs = st.trials(cands)
+        if cands is not None:
+            objs = st.trials(*cands)
             i = int(np.argmin(objs))  # the first of equals: deterministic
             if objs[i] < best - MIN_GAIN:
-                step, obj = [cands[i]], float(objs[i])
+                es, rows, owners = cands
+                step, obj = [(int(es[i]), rows[i], int(owners[i]), i)], float(objs[i])
         if step is None and (st.n >= cluster.slots).all():
             pair = _expand_into_shrink(st, best)
             if pair is not None:
                 step, obj = pair
         if step is None:
             break
-        for e, row, own in step:
-            st.apply(e, row, own)
+        for change in step:
+            st.apply(*change)
         best, moves = obj, moves + 1
     # the estimator judges: start, greedy, greedy with levelled shares, wrap-around construction
     gx, go = st.x.copy(), st.owner.copy()
@@ -283,15 +316,15 @@ def judge(cluster: Cluster, counts, cands, current, interval):
     its objective reads None. Candidates are estimated in the order of that bound."""
     bound = [compute_makespan(cluster, counts, x, s) for _, x, s, _ in cands]
     best, objs, found = (np.inf, len(cands)), {}, None
-    migration = {}  # by (x, owner): candidates that differ only in shares share it
+    same = {}  # by (x, owner): candidates that differ only in shares share migration and sync
     for i in sorted(range(len(cands)), key=bound.__getitem__):
         name, x, s, o = cands[i]
         if bound[i] > best[0] * (1 + PRUNE_MARGIN):
             objs[name] = None
             continue
         key = (x.tobytes(), np.asarray(o).tobytes())
-        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval, migration.get(key))
-        migration[key] = v.migration_s
+        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval, *same.get(key, (None, None)))
+        same[key] = v.migration_s, v.estimate.sync
         objs[name] = v.objective
         if (v.objective, i) < best:
             best, found = (v.objective, i), v

@@ -73,8 +73,11 @@ class LayerPlan:
         if len(over):
             g = over[0]
             raise InputError(f"device {g} would hold {held[g]} replicas but has {max_slots} slots")
-        es, gs = np.nonzero(x)
-        slot = (np.cumsum(x, axis=0) - 1)[es, gs]  # a replica's rank among its device's experts
+        es, gs = np.nonzero(x)  # by expert, then device
+        # a replica's rank among its device's experts: its place in its device's run of a stable sort
+        order = np.argsort(gs, kind="stable")
+        slot = np.empty_like(gs)
+        slot[order] = np.arange(len(gs)) - (np.cumsum(held) - held)[gs[order]]
         assign = np.full((num_devices, max_slots), EMPTY, dtype=np.int64)
         shares = np.zeros((num_devices, max_slots))
         assign[gs, slot] = es

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import Breakdown, estimate, fold_sources, lower_bound, migration_time, migration_transfers
+from cost_models.estimator import Breakdown, estimate, fold_sources, lower_bound, migration_seconds
 from cost_models.files import InputError
 from planner import bounds
 from planner.plan import LayerPlan
@@ -46,8 +46,8 @@ def migration_s(cluster: Cluster, current: LayerPlan | None, x, owner, interval:
     """Seconds of migration per step, amortised over the steps the plan is expected to stay."""
     if current is None:
         return 0.0
-    t = migration_transfers(cluster, current.replicas(), current.owner, np.asarray(x, bool), np.asarray(owner))
-    return migration_time(cluster, t) / interval
+    old_x, new_x = current.replicas(), np.asarray(x, bool)
+    return migration_seconds(cluster, old_x, current.owner, new_x, np.asarray(owner)) / interval
 
 
 class Verdict(NamedTuple):
@@ -70,12 +70,14 @@ def objective(cluster: Cluster, counts, x, share, owner, current, interval) -> f
     return verdict(cluster, counts, x, share, owner, current, interval).objective
 
 
-def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migration: float | None = None) -> Verdict:
-    """`objective`'s numbers, kept for `finish`; `migration`: `migration_s` of this `x` and `owner`
-    if the caller has it already (it does not depend on the shares)."""
+def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migration: float | None = None,
+            sync: np.ndarray | None = None) -> Verdict:
+    """`objective`'s numbers, kept for `finish`; `migration` (`migration_s`) and `sync` (the
+    estimate's sync seconds) of this `x` and `owner` if the caller has them already (neither
+    depends on the shares)."""
     if migration is None:
         migration = migration_s(cluster, current, x, owner, interval)
-    return Verdict(share, owner, estimate(cluster, counts, x, share, owner), migration)
+    return Verdict(share, owner, estimate(cluster, counts, x, share, owner, sync), migration)
 
 
 def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: LayerPlan | None) -> np.ndarray:
@@ -103,8 +105,11 @@ def even_shares(x: np.ndarray) -> np.ndarray:
 def clean_shares(x: np.ndarray, share: np.ndarray) -> np.ndarray:
     """Shares on replicas only, non-negative, summing to exactly 1 per expert (even if all zero)."""
     x = np.asarray(x, bool)
-    s = np.where(x, np.clip(np.nan_to_num(share), 0.0, None), 0.0)
+    share = np.asarray(share, dtype=np.float64)
+    s = np.where(x, np.clip(share if np.isfinite(share).all() else np.nan_to_num(share), 0.0, None), 0.0)
     tot = s.sum(axis=1, keepdims=True)
+    if (tot > EPS).all():  # the usual case: no expert needs even shares
+        return s / tot
     return np.where(tot > EPS, s / np.maximum(tot, EPS), even_shares(x))
 
 

@@ -114,6 +114,36 @@ def test_node_bound_with_migration_lumps_never_exceeds_brute_force(name, current
     assert node >= bounds.quick_bound(cluster, counts) * (1 - 1e-6)
 
 
+def test_balance_is_the_exact_optimum_of_its_lp():
+    """`_balance` (the traffic bound's core) finds the smallest level exactly, from below: it
+    matches the linear program it solves (GLOP), never above it and not looser than rounding."""
+    from ortools.linear_solver import pywraplp
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        n = int(rng.integers(1, 12))
+        weight = rng.integers(1, 4, n).astype(float)
+        base, b = rng.uniform(0, 2, n), rng.uniform(0.5, 2, n)
+        k = rng.uniform(0, 3, n) * (rng.random() < 0.8)
+        C = rng.uniform(0, 10, n)
+        K = rng.uniform(0, 1, n) * C
+        N = float(C.sum())
+        got = bounds._balance(weight, base, b, k, C, K, N)
+        lp = pywraplp.Solver.CreateSolver("GLOP")
+        T, shares = lp.NumVar(0, lp.infinity(), "T"), []
+        for i in range(n):  # u >= max(C - L, t - L), L <= min(t, K): the most kept local
+            t, L, u = lp.NumVar(0, N, ""), lp.NumVar(0, K[i], ""), lp.NumVar(0, lp.infinity(), "")
+            lp.Add(L <= t)
+            lp.Add(u >= C[i] - L)
+            lp.Add(u >= t - L)
+            lp.Add(weight[i] * T >= base[i] + b[i] * t + k[i] * u)
+            shares.append(t)
+        lp.Add(sum(shares) == N)
+        lp.Minimize(T)
+        assert lp.Solve() == pywraplp.Solver.OPTIMAL
+        opt = T.solution_value()
+        assert opt * (1 - 1e-7) <= got <= opt * (1 + 1e-9) + 1e-12
+
+
 def test_mip_bound_is_tight_on_a_tiny_case():
     """Solved to the end on a tiny case, the relaxation's bound comes within a few percent of the
     brute-force optimum (it is exact but for free routing and the cheapest link per class)."""

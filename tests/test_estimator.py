@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cost_models.cluster import INTER, INTRA, Cluster, ComputeModel, Device, ExpertShape, Link
-from cost_models.estimator import estimate, fold_sources, lower_bound, migration_time, migration_transfers
+from cost_models.estimator import (estimate, fold_sources, lower_bound, migration_seconds, migration_time,
+                                  migration_transfers)
 from cost_models.routing import route
 from cost_models.files import InputError
 
@@ -121,6 +122,22 @@ def test_migration_transfers_and_time():
     # with latencies 0.01 + 0.1 + 0.1: 28.09 s, the busiest device.
     assert migration_time(c, t) == pytest.approx(0.68 + 27.2 + 0.21)
     assert migration_time(c, []) == 0.0
+
+
+def test_migration_seconds_is_the_time_of_the_transfers():
+    """The planners' array path gives exactly the seconds of the listed transfers."""
+    c = cluster(nodes=(0, 0, 1, 1), a=(1, 1, 1, 1), b=(1, 1, 1, 1))
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        xs, owners = [], []
+        for _ in range(2):
+            x = rng.random((6, 4)) < 0.3
+            x[np.arange(6), rng.integers(0, 4, 6)] = True
+            xs.append(x)
+            owners.append(np.array([rng.choice(np.flatnonzero(row)) for row in x]))
+        t = migration_transfers(c, xs[0], owners[0], xs[1], owners[1])
+        assert migration_seconds(c, xs[0], owners[0], xs[1], owners[1]) == migration_time(c, t)
+    assert migration_seconds(c, xs[0], owners[0], xs[0], owners[0]) == 0.0
 
 
 def test_shape_mismatch_is_input_error():

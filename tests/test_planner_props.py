@@ -72,10 +72,11 @@ def test_greedy_incremental_state_matches_a_fresh_one():
     st = _State(cluster, counts, cur.replicas(), cur.owner.copy(), cur.replicas(), cur.owner, 5)
     for _ in range(6):
         cands = _candidates(st)
-        if not cands:
+        if cands is None:
             break
-        objs = st.trials(cands)
-        st.apply(*cands[int(np.argmax(objs))])  # any candidate, not only the best
+        objs = st.trials(*cands)
+        i = int(np.argmax(objs))  # any candidate, not only the best
+        st.apply(int(cands[0][i]), cands[1][i], int(cands[2][i]), i)
     fresh = _State(cluster, counts, st.x, st.owner, cur.replicas(), cur.owner, 5)
     for name in ("sync", "mig", "a2a_parts", "tok", "n"):
         assert np.allclose(getattr(st, name), getattr(fresh, name)), name
