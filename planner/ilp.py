@@ -426,6 +426,8 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
             info.update(returned="ilp")
     if E * G > MAX_CELLS:  # decomposed: a candidate costs too much there for the time left to pay
         return x, share, owner, info
+    if info["status"] == "optimal" and _free_links(cluster):
+        return x, share, owner, info  # free links: the model is the estimator, optimal (or its hint, no worse)
     return _refined(cluster, counts, current, interval, x, share, owner, info,
                     refine_left if reproducible else t0 + time_budget - time.perf_counter(), reproducible)
 

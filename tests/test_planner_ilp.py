@@ -103,3 +103,10 @@ def test_part_of_the_budget_refines_the_plan_returned(monkeypatch):
     without = plan_layer(c, counts, solver="ilp", time_budget=0.5, reproducible=True)
     assert "refine_evals" not in without.info
     assert with_refine.info["objective"] <= without.info["objective"] * (1 + 1e-9)
+
+
+def test_no_local_search_after_a_proven_optimum_on_free_links():
+    """With free links the model is the estimator: a proven optimum leaves nothing to refine."""
+    c = make_cluster(nodes=2, per_node=2, slots=2, a=2e-5, fast=False).compute_only()
+    lp = plan_layer(c, spread([700, 100, 100, 100], 4), solver="ilp", time_budget=2.0, reproducible=True)
+    assert lp.info["status"] == "optimal" and "refine_evals" not in lp.info
