@@ -126,18 +126,21 @@ def refine(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None, inte
     x, owner = np.asarray(x, bool).copy(), np.asarray(owner).copy()
     share, est = level_shares(cluster, counts, x, owner, clean_shares(x, share), 3, within_nodes)
     mig = migration_s(cluster, current, x, owner, interval)
-    evals = 0
+    evals, start = 0, 0
     while True:
-        found = None
-        for move in _moves(cluster, x, owner, est):
+        found, moves = None, list(_moves(cluster, x, owner, est))
+        # the scan goes on from where the last improvement was found, not from the top: the
+        # candidates before it were just tried and mostly still fail
+        for i in range(start, start + len(moves)):
             if (t_end is not None and time.perf_counter() > t_end) or (max_evals is not None and evals >= max_evals):
                 break
+            move = moves[i % len(moves)]
             nx, ns, no = _apply(move, x, share, owner)
             ns, ne = level_shares(cluster, counts, nx, no, ns, 1, within_nodes)
             nm = migration_s(cluster, current, nx, no, interval)
             evals += 1
             if ne.step_time + nm < est.step_time + mig - MIN_GAIN:
-                found = (nx, ns, no, ne, nm)
+                found, start = (nx, ns, no, ne, nm), i % len(moves)
                 break
         if found is None:
             break
