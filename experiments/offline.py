@@ -36,12 +36,12 @@ FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from
           "offline_wall_s"] + [f"offline_{p}_gap" for p in POLICIES]
 # Budget shares (of the instance's seconds). The node relaxation's stages: without the per-expert
 # local cuts (often proved quickly), then with them, capped by the best plan known by then.
-RELAX_STAGES = ((0.45, False), (0.4, True))
+RELAX_STAGES = ((0.4, False), (0.3, True))
 NODE_REFINE_SHARE = 0.04  # each device plan made from a node incumbent
 REFINE_SHARE = 0.08  # each of the best plans refined while the relaxation runs
 REFINE_TOP = 3  # that many before the first stage ends at least (hints for the ILP)
 POLISH_SHARE = 0.03  # each plan polished (at most 5 s)
-ILP_SHARE = 0.05  # at least this much for the hinted ILP at the end
+ILP_SHARE = 0.05  # kept for the hinted ILP at the end: the rest stops that much before the budget
 
 
 def solve_instance(cluster, counts, current, interval: int, budget: float, workers: int = 2,
@@ -69,6 +69,12 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     obj = {k: objective(cluster, counts, *p, current, interval) for k, p in plans.items()}
     bound, status = bounds.quick_bound(cluster, counts), "none"
     lanes = _Lanes(workers > 1 and cluster.num_nodes > 1 and not mp.current_process().daemon)
+    end = t0 + (1 - ILP_SHARE) * budget
+
+    def slot(share: float) -> float:
+        """Seconds for a step of this share of the budget, none past `end`."""
+        return max(0.0, min(lanes.scale * share * budget, end - time.perf_counter()))
+
     with lanes:
         job = None
         stages = list(RELAX_STAGES) if cluster.num_nodes > 1 else []
@@ -79,22 +85,22 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
                     bound, status = max(bound, nb), st
                 if sol is not None:
                     _add_node_plans(cluster, counts, current, interval, sol, f"nodes{i - 1}", plans, obj,
-                                    seconds=lanes.scale * NODE_REFINE_SHARE * budget)
+                                    slot, NODE_REFINE_SHARE)
             job = None
             if i < len(stages):
                 share, cuts = stages[i]
                 job = lanes.submit(_relax, cluster, counts, current, interval, min(obj.values()), cuts,
-                                   lanes.scale * share * budget)
+                                   max(slot(share), 0.01))
             if i == 0:  # the policies' plans polished: candidates and hints; their own objectives stay
                 for name in list(plans):
                     x, s, o, v = polish(cluster, counts, current, interval, *plans[name],
-                                        seconds=min(lanes.scale * POLISH_SHARE * budget, 5.0))
+                                        seconds=min(slot(POLISH_SHARE), 5.0))
                     if v < obj[name] - 1e-12:
                         plans[name + "+polish"], obj[name + "+polish"] = (x, s, o), v
             if job is not None or i == len(stages):
                 _refine_best(cluster, counts, current, interval, plans, obj, 1 if i else REFINE_TOP,
-                             seconds=lanes.scale * REFINE_SHARE * budget, until=job)
-    left = max(budget - (time.perf_counter() - t0), ILP_SHARE * budget)
+                             slot, REFINE_SHARE, until=job)
+    left = max(budget - (time.perf_counter() - t0), 0.01)
     extra = [(k, *p) for k, p in plans.items() if k not in ("greedy", "eplb")]
     x, s, o, info = ilp(cluster, counts, current, time_budget=left, workers=workers, seed=seed, interval=interval,
                         extra_hints=extra)
@@ -154,14 +160,14 @@ def _relax(cluster, counts, current, interval, upper, cuts, seconds):
     return rel.solve(seconds)
 
 
-def _refine_best(cluster, counts, current, interval, plans, obj, top: int, seconds: float, until=None) -> None:
+def _refine_best(cluster, counts, current, interval, plans, obj, top: int, slot, share: float, until=None) -> None:
     """`planner.refine` (shares levelled inside nodes too) on the best plans not refined here
-    yet (distinct placements), each for at most `seconds`: `top` of them, and more while the
+    yet (distinct placements), each for `slot(share)` seconds: `top` of them, and more while the
     future `until` (a relaxation stage in the other process) is not done. A refined plan joins
     `plans` and `obj` as "<name>+refine"."""
     done = {(plans[k][0].tobytes(), np.asarray(plans[k][2]).tobytes()) for k in plans if k.endswith("+refine")}
     for name in sorted((k for k in obj if not k.endswith("+refine")), key=obj.get):
-        if top <= 0 and (until is None or until.done() or isinstance(until, _Inline)):
+        if (top <= 0 and (until is None or until.done() or isinstance(until, _Inline))) or slot(share) <= 0:
             break
         x, s, o = plans[name]
         key = (np.asarray(x, bool).tobytes(), np.asarray(o).tobytes())
@@ -169,15 +175,15 @@ def _refine_best(cluster, counts, current, interval, plans, obj, top: int, secon
             continue
         done.add(key)
         top -= 1
-        rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=seconds, within_nodes=True)
+        rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=slot(share), within_nodes=True)
         if v.objective < obj[name] - 1e-12:
             plans[name + "+refine"], obj[name + "+refine"] = (rx, v.share, v.owner), v.objective
 
 
-def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, seconds):
+def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, slot, share: float):
     """A node solution (u, n, own, Y) made into device plans three ways (`construct.from_nodes`
     with its owners and with owners spread, and `refine.realise`, laid out for the slow syncs to
-    overlap), each refined for at most `seconds` with shares also levelled inside nodes; all
+    overlap), each refined for `slot(share)` seconds with shares also levelled inside nodes; all
     join `plans` and `obj` (different starts end in quite different plans: the estimator picks)."""
     starts = {}
     made = from_nodes(cluster, counts, sol[3], sol[2])
@@ -189,7 +195,7 @@ def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, s
     if paired is not None:
         starts["/paired"] = paired
     for tag, (x, s, o) in starts.items():
-        rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=seconds, within_nodes=True)
+        rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=slot(share), within_nodes=True)
         plans[name + tag], obj[name + tag] = (rx, v.share, v.owner), v.objective
 
 

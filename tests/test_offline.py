@@ -110,7 +110,7 @@ def test_every_node_incumbent_becomes_refined_device_plans():
     cur = static_layer(4, cluster.slots)
     sol = bounds.NodeRelaxation(cluster, counts, cur, 5).solve(5.0)[1]
     plans, obj = {}, {}
-    offline._add_node_plans(cluster, counts, cur, 5, sol, "nodesX", plans, obj, seconds=1.0)
+    offline._add_node_plans(cluster, counts, cur, 5, sol, "nodesX", plans, obj, lambda share: 1.0, 0.0)
     assert set(plans) == {"nodesX", "nodesX/owners", "nodesX/paired"}
     for k, (x, s, o) in plans.items():
         assert x[np.arange(4), o].all() and np.allclose(s.sum(axis=1), 1) and (s[~x] == 0).all()
