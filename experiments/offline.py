@@ -67,6 +67,29 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
     ex, es = eplb(load, cluster.slots, cluster.node_of)
     plans["eplb"] = (ex, es, pick_owner(cluster, ex, es, current))
     obj = {k: objective(cluster, counts, *p, current, interval) for k, p in plans.items()}
+    bound, status = _search(cluster, counts, current, interval, budget, workers, plans, obj, t0)
+    left = max(budget - (time.perf_counter() - t0), 0.01)
+    extra = [(k, *p) for k, p in plans.items() if k not in ("greedy", "eplb")]
+    x, s, o, info = ilp(cluster, counts, current, time_budget=left, workers=workers, seed=seed, interval=interval,
+                        extra_hints=extra)
+    lp = finish(cluster, counts, x, s, o, current, interval, 0, info)
+    plans["offline-ilp"] = (lp.replicas(), lp.shares(), lp.owner)
+    obj["offline-ilp"] = lp.info["objective"]
+    best_name = min(obj, key=obj.get)
+    best = obj[best_name]
+    bound = min(bound, best)
+    out = {"offline_best_s": best, "offline_bound_s": bound, "offline_gap": best / bound - 1.0,
+           "offline_best_from": best_name, "offline_relaxation": status,
+           "offline_wall_s": time.perf_counter() - t0, "objectives": obj, "best_plan": plans[best_name]}
+    for p in POLICIES:
+        if p in obj:
+            out[f"offline_{p}_gap"] = obj[p] / bound - 1.0
+    return out
+
+
+def _search(cluster, counts, current, interval, budget, workers, plans, obj, t0):
+    """The two lanes of `solve_instance` until the ILP's share of the budget: plans and
+    objectives land in `plans` and `obj`. (the best valid bound, the relaxation's status)"""
     bound, status = bounds.quick_bound(cluster, counts), "none"
     lanes = _Lanes(workers > 1 and cluster.num_nodes > 1 and not mp.current_process().daemon)
     end = t0 + (1 - ILP_SHARE) * budget
@@ -100,23 +123,7 @@ def solve_instance(cluster, counts, current, interval: int, budget: float, worke
             if job is not None or i == len(stages):
                 _refine_best(cluster, counts, current, interval, plans, obj, 1 if i else REFINE_TOP,
                              slot, REFINE_SHARE, until=job)
-    left = max(budget - (time.perf_counter() - t0), 0.01)
-    extra = [(k, *p) for k, p in plans.items() if k not in ("greedy", "eplb")]
-    x, s, o, info = ilp(cluster, counts, current, time_budget=left, workers=workers, seed=seed, interval=interval,
-                        extra_hints=extra)
-    lp = finish(cluster, counts, x, s, o, current, interval, 0, info)
-    plans["offline-ilp"] = (lp.replicas(), lp.shares(), lp.owner)
-    obj["offline-ilp"] = lp.info["objective"]
-    best_name = min(obj, key=obj.get)
-    best = obj[best_name]
-    bound = min(bound, best)
-    out = {"offline_best_s": best, "offline_bound_s": bound, "offline_gap": best / bound - 1.0,
-           "offline_best_from": best_name, "offline_relaxation": status,
-           "offline_wall_s": time.perf_counter() - t0, "objectives": obj, "best_plan": plans[best_name]}
-    for p in POLICIES:
-        if p in obj:
-            out[f"offline_{p}_gap"] = obj[p] / bound - 1.0
-    return out
+    return bound, status
 
 
 class _Lanes:
