@@ -36,7 +36,7 @@ FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from
           "offline_wall_s"] + [f"offline_{p}_gap" for p in POLICIES]
 # Budget shares (of the instance's seconds). The node relaxation's stages: without the per-expert
 # local cuts (often proved quickly), then with them, capped by the best plan known by then.
-RELAX_STAGES = ((0.4, False), (0.3, True))
+RELAX_STAGES = ((0.45, False), (0.4, True))
 NODE_REFINE_SHARE = 0.04  # each device plan made from a node incumbent
 REFINE_SHARE = 0.08  # each of the best plans refined while the relaxation runs
 REFINE_TOP = 3  # that many before the first stage ends at least (hints for the ILP)
@@ -102,18 +102,19 @@ def _search(cluster, counts, current, interval, budget, workers, plans, obj, t0)
         job = None
         stages = list(RELAX_STAGES) if cluster.num_nodes > 1 else []
         for i in range(len(stages) + 1):
+            sol = None
             if job is not None:  # the stage submitted last round: its bound and incumbent
                 nb, sol, st = job.result()
                 if nb > bound or status == "none":
                     bound, status = max(bound, nb), st
-                if sol is not None:
-                    _add_node_plans(cluster, counts, current, interval, sol, f"nodes{i - 1}", plans, obj,
-                                    slot, NODE_REFINE_SHARE)
             job = None
-            if i < len(stages):
+            if i < len(stages):  # the next stage starts at once, the other lane never idles
                 share, cuts = stages[i]
                 job = lanes.submit(_relax, cluster, counts, current, interval, min(obj.values()), cuts,
                                    max(slot(share), 0.01))
+            if sol is not None:
+                _add_node_plans(cluster, counts, current, interval, sol, f"nodes{i - 1}", plans, obj,
+                                slot, NODE_REFINE_SHARE)
             if i == 0:  # the policies' plans polished: candidates and hints; their own objectives stay
                 for name in list(plans):
                     x, s, o, v = polish(cluster, counts, current, interval, *plans[name],
