@@ -15,13 +15,15 @@ Deterministic: ties go to the lowest expert and device ids.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, SYNC_PHASES, compute_makespan, estimate
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES, compute_makespan, estimate, sync_seconds
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
-from planner.score import clean_shares, even_shares, pick_owner, verdict
+from planner.score import clean_shares, even_shares, migration_s, pick_owner, step_floor, verdict
 
 BALANCE_THRESHOLD = 1.02  # stop once the busiest device has at most 2% over the mean tokens
 MIN_GAIN = 1e-9  # seconds: a move must beat this to count
@@ -311,21 +313,31 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
 def judge(cluster: Cluster, counts, cands, current, interval):
     """(index of the best, {name: objective}, the best's `score.Verdict`) of candidates (name, x,
     share, owner) by the estimator's objective on the shares the plan would report
-    (`score.clean_shares`), ties to the first. A candidate whose compute time alone (a lower bound
-    on its step) exceeds the best objective found so far cannot win: it is not estimated and
-    its objective reads None. Candidates are estimated in the order of that bound."""
-    bound = [compute_makespan(cluster, counts, x, s) for _, x, s, _ in cands]
+    (`score.clean_shares`), ties to the first. Best first on lower bounds: each candidate's compute
+    time alone, then, for those that could still win, `score.step_floor` plus its migration (near
+    exact, a fraction of an estimate); a candidate is estimated only when it comes first on that
+    floor, so usually the winner alone is. One whose bound exceeds the best objective found cannot
+    win: not estimated, its objective reads None."""
+    heap = [(compute_makespan(cluster, counts, x, s), 0, i) for i, (_, x, s, _) in enumerate(cands)]
+    heapq.heapify(heap)
     best, objs, found = (np.inf, len(cands)), {}, None
     same = {}  # by (x, owner): candidates that differ only in shares share migration and sync
-    for i in sorted(range(len(cands)), key=bound.__getitem__):
+    while heap:
+        bound, floored, i = heapq.heappop(heap)
+        if bound > best[0] * (1 + PRUNE_MARGIN):
+            break  # every other bound is at least this
         name, x, s, o = cands[i]
-        if bound[i] > best[0] * (1 + PRUNE_MARGIN):
-            objs[name] = None
+        o = np.asarray(o)
+        s = clean_shares(x, s)
+        key = (x.tobytes(), o.tobytes())
+        if key not in same:
+            same[key] = migration_s(cluster, current, x, o, interval), sync_seconds(cluster, x, o)
+        mig, sync = same[key]
+        if not floored:
+            heapq.heappush(heap, (step_floor(cluster, counts, x, s, sync) + mig, 1, i))
             continue
-        key = (x.tobytes(), np.asarray(o).tobytes())
-        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval, *same.get(key, (None, None)))
-        same[key] = v.migration_s, v.estimate.sync
+        v = verdict(cluster, counts, x, s, o, current, interval, mig, sync)
         objs[name] = v.objective
         if (v.objective, i) < best:
             best, found = (v.objective, i), v
-    return best[1], {name: objs[name] for name, *_ in cands}, found
+    return best[1], {name: objs.get(name) for name, *_ in cands}, found

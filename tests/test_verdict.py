@@ -40,3 +40,58 @@ def test_finish_ignores_a_verdict_on_other_shares_or_owners():
              v._replace(owner=(v.owner + 1) % c.num_devices, estimate=wrong_est, migration_s=0.0)]
     for bad in stale:
         assert _finish(c, counts, cur, placed, bad)["objective"] == right
+
+
+def _random_candidates(c, num_exp, rng, n=6):
+    cands = []
+    for k in range(n):
+        x = rng.random((num_exp, c.num_devices)) < 0.3
+        x[np.arange(num_exp), rng.integers(0, c.num_devices, num_exp)] = True
+        share = score.clean_shares(x, rng.random(x.shape) + 0.05)  # as solvers hand them: summing to 1
+        owner = np.array([rng.choice(np.flatnonzero(r)) for r in x])
+        cands.append((f"c{k}", x, share, owner))
+    return cands
+
+
+def _slow_pairs(c):
+    from dataclasses import replace
+    slow = replace(c.links["intra"], beta=c.links["intra"].beta / 5)
+    return replace(c, pairs={(0, 1): slow, (1, 0): slow, (2, 4): slow})
+
+
+def test_step_floor_bounds_the_estimate_and_equals_it_with_one_bandwidth_per_class():
+    rng = np.random.default_rng(4)
+    base = make_cluster(nodes=2, per_node=3, slots=4, a=1e-5, fast=False)
+    for cluster, exact in ((base, True), (_slow_pairs(base), False)):
+        gaps = []
+        for trial in range(30):
+            counts = spread(rng.integers(0, 2000, 7), 6, seed=trial).astype(float)
+            for _, x, share, owner in _random_candidates(cluster, 7, rng, 2):
+                share = score.clean_shares(x, share)
+                est = score.estimate(cluster, counts, x, share, owner)
+                floor = score.step_floor(cluster, counts, x, share, est.sync)
+                assert floor <= est.step_time * (1 + 1e-12)
+                gaps.append(est.step_time / floor - 1)
+        # the slow pairs make some floors loose, never invalid
+        assert (max(gaps) < 1e-12) == exact
+
+
+def test_judge_picks_what_estimating_every_candidate_picks_and_estimates_the_winner_alone():
+    from planner.greedy import judge
+    rng = np.random.default_rng(9)
+    base = make_cluster(nodes=2, per_node=3, slots=4, a=1e-5, fast=False)
+    for cluster, exact in ((base, True), (_slow_pairs(base), False)):
+        estimated = []
+        for trial in range(25):
+            counts = spread(rng.integers(0, 2000, 7), 6, seed=trial).astype(float)
+            cur = static_layer(7, cluster.slots)
+            cands = _random_candidates(cluster, 7, rng)
+            objs = [score.objective(cluster, counts, x, score.clean_shares(x, s), o, cur, 5) for _, x, s, o in cands]
+            i, seen, v = judge(cluster, counts, cands, cur, 5)
+            assert i == int(np.argmin(objs)) and v.objective == objs[i]
+            assert all(seen[n] in (None, objs[k]) for k, (n, *_) in enumerate(cands))
+            estimated.append(sum(o is not None for o in seen.values()))
+        if exact:  # floors equal to the objective: only the winner is estimated
+            assert estimated == [1] * len(estimated)
+        else:
+            assert max(estimated) < 6
