@@ -23,7 +23,7 @@ from cost_models.cluster import Cluster
 from cost_models.estimator import A2A_PHASES, SYNC_PHASES, compute_makespan, estimate, sync_seconds
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
-from planner.score import clean_shares, even_shares, migration_s, pick_owner, step_floor, verdict
+from planner.score import clean_shares, even_shares, floor_terms, migration_s, pick_owner, step_floor, verdict
 
 BALANCE_THRESHOLD = 1.02  # stop once the busiest device has at most 2% over the mean tokens
 MIN_GAIN = 1e-9  # seconds: a move must beat this to count
@@ -322,6 +322,7 @@ def judge(cluster: Cluster, counts, cands, current, interval):
     heapq.heapify(heap)
     best, objs, found = (np.inf, len(cands)), {}, None
     same = {}  # by (x, owner): candidates that differ only in shares share migration and sync
+    terms = floor_terms(cluster)
     while heap:
         bound, floored, i = heapq.heappop(heap)
         if bound > best[0] * (1 + PRUNE_MARGIN):
@@ -334,7 +335,7 @@ def judge(cluster: Cluster, counts, cands, current, interval):
             same[key] = migration_s(cluster, current, x, o, interval), sync_seconds(cluster, x, o)
         mig, sync = same[key]
         if not floored:
-            heapq.heappush(heap, (step_floor(cluster, counts, x, s, sync) + mig, 1, i))
+            heapq.heappush(heap, (step_floor(cluster, counts, x, s, sync, terms) + mig, 1, i))
             continue
         v = verdict(cluster, counts, x, s, o, current, interval, mig, sync)
         objs[name] = v.objective

@@ -113,7 +113,9 @@ def test_class_traffic_is_what_route_sends_inside_and_across_nodes(seed, num_dev
     cross = node[:, None] != node[None, :]
     inside, across = np.where(cross, 0.0, remote), np.where(cross, remote, 0.0)
     want = np.stack([inside.sum(1), inside.sum(0), across.sum(1), across.sum(0)])
-    np.testing.assert_allclose(class_traffic(counts, share, nodes), want, atol=1e-9)
+    served, traffic = class_traffic(counts, share, nodes)
+    np.testing.assert_allclose(traffic, want, atol=1e-9)
+    np.testing.assert_allclose(served, counts.sum(axis=0) @ share, atol=1e-9)
 
 
 def test_table_views_agree_with_the_dense_flow():
