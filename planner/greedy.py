@@ -6,10 +6,10 @@ routes each expert's tokens by the estimator's own hierarchical rule (own device
 then other nodes), so that moves which keep traffic inside a node are seen to pay. A full
 estimate costs about a millisecond at 256 experts on 64 devices, too dear for every move.
 The estimator is the final judge: among the start, the greedy result, the greedy result with
-levelled shares, the wrap-around construction and the node-aware constructions (nodes first,
-then devices: `construct.hierarchical`, each also with owners that spread the inter-node weight
-syncs: `construct.spread_owners`), the best estimated objective wins (`judge`: one whose compute
-time alone exceeds the best so far, such as a static start, is not estimated).
+levelled shares (up to `SHARES_CELLS`), the wrap-around construction and the node-aware
+constructions (nodes first, then devices: `construct.hierarchical`, each also with owners that
+spread the inter-node weight syncs: `construct.spread_owners`), the best estimated objective wins
+(`judge`: best first on lower bounds, so usually only the winner is estimated).
 Deterministic: ties go to the lowest expert and device ids.
 """
 
@@ -31,6 +31,10 @@ PRUNE_MARGIN = 1e-9  # relative: a bound must beat the best by this to skip an e
 # experts x devices up to which the node-aware constructions are tried here: they cost about
 # 20 ms per variant at 256 x 64, over the greedy's budget; the ILP, which has seconds, always tries them
 HIERARCHICAL_CELLS = 4096
+# experts x devices up to which the greedy placement is also judged with levelled shares: beyond,
+# levelling compute costs locality (on the 156 guard instances it never won above 81 x 64, and
+# lost by 9-17% at 256 x 64), and the levelling costs about 0.8 ms there
+SHARES_CELLS = 8192
 TINY = np.finfo(np.float64).tiny
 
 
@@ -293,8 +297,9 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
         best, moves = obj, moves + 1
     # the estimator judges: start, greedy, greedy with levelled shares, wrap-around construction
     gx, go = st.x.copy(), st.owner.copy()
-    cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), go),
-             ("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), go)]
+    cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), go)]
+    if num_experts * cluster.num_devices <= SHARES_CELLS:
+        cands.append(("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), go))
     mx, ms = mcnaughton(cluster, load)
     cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
     if num_experts * cluster.num_devices <= HIERARCHICAL_CELLS:
