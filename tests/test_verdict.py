@@ -99,9 +99,9 @@ def test_judge_picks_what_estimating_every_candidate_picks_and_estimates_the_win
 
 def test_levelled_shares_are_judged_only_up_to_shares_cells(monkeypatch):
     from planner import greedy
+    assert greedy.SHARES_CELLS >= 81 * 64  # the largest shape where it won on the guard instances
     c, counts, cur = _case()  # 6 experts x 4 devices: 24 cells
     for cells, judged in ((24, True), (23, False)):
         monkeypatch.setattr(greedy, "SHARES_CELLS", cells)
         info = greedy.greedy(c, counts, cur)[3]
         assert ("greedy+shares" in info["candidates"]) == judged
-    assert greedy.SHARES_CELLS >= 81 * 64  # the largest shape where it won on the guard instances
