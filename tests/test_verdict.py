@@ -59,13 +59,18 @@ def _slow_pairs(c):
     return replace(c, pairs={(0, 1): slow, (1, 0): slow, (2, 4): slow})
 
 
-def test_step_floor_bounds_the_estimate_and_equals_it_with_one_bandwidth_per_class():
-    rng = np.random.default_rng(4)
+def _loads(seed, trials):
+    """(cluster, whether its floors are exact, rng, loads): one bandwidth per link class, then slow pairs."""
+    rng = np.random.default_rng(seed)
     base = make_cluster(nodes=2, per_node=3, slots=4, a=1e-5, fast=False)
     for cluster, exact in ((base, True), (_slow_pairs(base), False)):
+        yield cluster, exact, rng, [spread(rng.integers(0, 2000, 7), 6, seed=t).astype(float) for t in range(trials)]
+
+
+def test_step_floor_bounds_the_estimate_and_equals_it_with_one_bandwidth_per_class():
+    for cluster, exact, rng, loads in _loads(4, 30):
         gaps = []
-        for trial in range(30):
-            counts = spread(rng.integers(0, 2000, 7), 6, seed=trial).astype(float)
+        for counts in loads:
             for _, x, share, owner in _random_candidates(cluster, 7, rng, 2):
                 share = score.clean_shares(x, share)
                 est = score.estimate(cluster, counts, x, share, owner)
@@ -78,13 +83,10 @@ def test_step_floor_bounds_the_estimate_and_equals_it_with_one_bandwidth_per_cla
 
 def test_judge_picks_what_estimating_every_candidate_picks_and_estimates_the_winner_alone():
     from planner.greedy import judge
-    rng = np.random.default_rng(9)
-    base = make_cluster(nodes=2, per_node=3, slots=4, a=1e-5, fast=False)
-    for cluster, exact in ((base, True), (_slow_pairs(base), False)):
+    for cluster, exact, rng, loads in _loads(9, 25):
         estimated = []
-        for trial in range(25):
-            counts = spread(rng.integers(0, 2000, 7), 6, seed=trial).astype(float)
-            cur = static_layer(7, cluster.slots)
+        cur = static_layer(7, cluster.slots)
+        for counts in loads:
             cands = _random_candidates(cluster, 7, rng)
             objs = [score.objective(cluster, counts, x, score.clean_shares(x, s), o, cur, 5) for _, x, s, o in cands]
             i, seen, v = judge(cluster, counts, cands, cur, 5)
