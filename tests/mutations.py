@@ -56,8 +56,8 @@ MUTATIONS = [
              "    sh = np.where(valid, 1.0, 0.0)\n",
              ("tests/test_routing.py",), "whole-token routing splits every expert evenly over its replicas"),
     Mutation("route-ignores-shares", "cost_models/routing.py",
-             "    demand = c.sum(axis=1, keepdims=True) * share\n",
-             "    demand = c.sum(axis=1, keepdims=True) * (share > 0) / np.maximum((share > 0).sum(axis=1, "
+             "    demand = counts.sum(axis=0)[:, None] * share\n",
+             "    demand = counts.sum(axis=0)[:, None] * (share > 0) / np.maximum((share > 0).sum(axis=1, "
              "keepdims=True), 1)\n",
              ("tests/test_routing.py", "tests/test_estimator.py"),
              "the estimator's fractional routing splits every expert evenly"),
