@@ -128,7 +128,7 @@ MUTATIONS = [
     Mutation("objective-ignores-migration", "planner/score.py",
              "        return self.estimate.step_time + self.migration_s\n",
              "        return self.estimate.step_time\n",
-             ("tests/test_planner_solve.py",), "solvers judge plans without their migration cost"),
+             ("tests/test_planner_solve.py", "tests/test_verdict.py"), "solvers judge plans without their migration cost"),
     Mutation("capacity-drops-nothing", "planner/baselines.py",
              "\"dropped_tokens\": int(dropped),", "\"dropped_tokens\": 0,",
              ("tests/test_planner_solve.py",), "the capacity baseline reports no dropped tokens",

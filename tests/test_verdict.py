@@ -25,6 +25,8 @@ def test_greedy_hands_back_the_verdict_on_the_plan_it_returns():
     assert v is not None and np.array_equal(v.owner, placed.owner)
     assert np.array_equal(v.share, score.clean_shares(placed.x, placed.share))
     assert v.objective == score.objective(c, counts, placed.x, v.share, v.owner, cur, 5)
+    # the judge ranks by step plus migration (its floors add migration apart: they must agree)
+    assert v.migration_s > 0 and v.objective == v.estimate.step_time + v.migration_s
     with_v, without = _finish(c, counts, cur, placed, v), _finish(c, counts, cur, placed, None)
     for key in ("objective", "step_time_s", "migration_s", "balance", "gap"):
         assert with_v[key] == without[key], key
