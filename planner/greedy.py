@@ -62,7 +62,7 @@ class _State:
         self.q = load / self.r  # tokens per replica
         self.tok = (self.x * self.q[:, None]).sum(axis=0)
         self.n = self.x.sum(axis=0)
-        self.last = None
+        self.last = self.p = None
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
         self.sync_to = SYNC_PHASES * self.P * self.invb.T
@@ -125,7 +125,11 @@ class _State:
         return A2A_PHASES * (intra + inter) + self.lat
 
     def times(self):
-        return self.a * self.n + self.b * self.tok + self.sync + self._a2a(self.a2a_parts)
+        """Per-device proxy seconds; after `apply(..., k)`, the row its trial computed (the same
+        terms, summed in another order: equal up to rounding)."""
+        if self.p is None:
+            self.p = self.a * self.n + self.b * self.tok + self.sync + self._a2a(self.a2a_parts)
+        return self.p
 
     def score(self, p, mig):
         return p.max() + mig.max() / self.interval
@@ -140,9 +144,9 @@ class _State:
         y = rows * (le / rows.sum(axis=1))[:, None]  # tokens per replica after the change
         dt = y - xe * self.q[es][:, None]
         s, m, a2a = self._rows(es, rows, owners, y)
-        self.last = (s, m, a2a)
         p = (self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
              + self._a2a(self.a2a_parts[None] - self.a2a_e[es] + a2a))
+        self.last = (s, m, a2a, p)
         return p.max(axis=1) + (self.mig - self.mig_e[es] + m).max(axis=1) / self.interval
 
     def apply(self, e, row, own, k=None):
@@ -151,9 +155,10 @@ class _State:
         self.tok += row * (self.load[e] / r_new) - self.x[e] * (self.load[e] / self.r[e])
         self.n += row.astype(np.int64) - self.x[e]
         if k is not None:
-            s, m, a2a = (v[k] for v in self.last)
+            s, m, a2a, self.p = (v[k] for v in self.last)
         else:
             (s,), (m,), (a2a,) = self._rows(np.array([e]), row[None, :], np.array([own]))
+            self.p = None
         self.last = None
         self.sync += s - self.sync_e[e]
         self.mig += m - self.mig_e[e]
