@@ -210,12 +210,10 @@ def migration_seconds(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarray
 
 def _transfer_seconds(cluster: Cluster, src: np.ndarray, dst: np.ndarray, b: np.ndarray) -> float:
     n = cluster.num_devices
-    nbytes = np.zeros((n, n))
-    np.add.at(nbytes, (src, dst), b)
-    latency = np.zeros(n)
+    # bincount, not np.add.at (several times slower): both add in the order given, the same sums
+    nbytes = np.bincount(src * n + dst, weights=b, minlength=n * n).reshape(n, n)
     alpha = cluster.alpha[src, dst]
-    np.add.at(latency, src, alpha)
-    np.add.at(latency, dst, alpha)
+    latency = np.bincount(np.concatenate([src, dst]), weights=np.concatenate([alpha, alpha]), minlength=n)
     si, ri, so, ro = port_time(cluster, nbytes)
     return float((np.maximum(si, ri) + np.maximum(so, ro) + latency).max())
 

@@ -187,6 +187,31 @@ def _route_multi(c, dev, valid, share, nodes, whole):
     return tokens
 
 
+def _local_first(counts, share):
+    """Stage 1 of the fractional rule: (`local[e, g]` kept on the own replica, `rest[e, g]` still to
+    send, `cap[e, g]` still to take, `demand[e, g]` served). The counts are laid out `[E, G]` once:
+    numpy is several times slower on arrays of mixed layouts."""
+    counts = np.asarray(counts, dtype=np.float64)
+    c = np.ascontiguousarray(counts.T)  # [E, G]
+    share = np.asarray(share, dtype=np.float64)
+    demand = counts.sum(axis=0)[:, None] * share
+    local = np.minimum(c, demand)
+    rest = c - local
+    return local, rest, demand - local, demand
+
+
+def _in_node(rest, cap, node):
+    """Stage 2 per (expert, node): (`1 / m` with m the larger of what the node's sources send and
+    its replicas take, 0 where both are 0; the node's rest and cap, and m, [E, K]). `min(rest, cap)`
+    of the node moves, so each sender keeps `(m - cap) / m` of its rest for stage 3 and each replica
+    `(m - rest) / m` of its capacity."""
+    onehot = np.eye(int(node.max()) + 1)[node]  # [G, K]
+    r_node, c_node = rest @ onehot, cap @ onehot  # [E, K]
+    m_node = np.maximum(r_node, c_node)
+    inv = np.divide(1.0, m_node, out=np.zeros_like(m_node), where=m_node > 0)
+    return inv, r_node, c_node, m_node
+
+
 def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The rule in fractional tokens, as the estimator needs it: (`local[e, g]`, tokens source g
     keeps on its own replica; `remote[g, h]`, tokens g sends to h, all experts, zero diagonal).
@@ -196,20 +221,12 @@ def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None
     times what replicas take over the total, summed over experts as one matrix product. That
     keeps this form O(E * G^2) matrix work with no per-cell arrays, several times faster than
     `route_table(..., whole=False)`, which gives the same numbers (a test pins the two)."""
-    c = np.asarray(counts, dtype=np.float64).T  # [E, G]
-    share = np.asarray(share, dtype=np.float64)
-    demand = c.sum(axis=1, keepdims=True) * share
-    local = np.minimum(c, demand)  # 1. own replica
-    rest = c - local
-    cap = np.subtract(demand, local, out=demand)
+    local, rest, cap, _ = _local_first(counts, share)  # 1. own replica
     # [E, G] products in place, into one scratch array: at large E each new one costs page faults
     tmp = np.empty_like(cap)
     if nodes is not None:  # 2. inside each node: min(rest, cap) of the node moves, in proportion
         node = dense_nodes(nodes)
-        onehot = np.eye(int(node.max()) + 1)[node]  # [G, K]
-        r_node, c_node = rest @ onehot, cap @ onehot  # [E, K]
-        m_node = np.maximum(r_node, c_node)
-        inv = np.divide(1.0, m_node, out=np.zeros_like(m_node), where=m_node > 0)
+        inv, r_node, c_node, m_node = _in_node(rest, cap, node)
         same = node[:, None] == node[None, :]
         # np.take, not [:, node]: that result is laid out column-major, slow in what follows
         tmp = np.take(inv, node, axis=1, out=tmp, mode="clip")
@@ -217,11 +234,34 @@ def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None
         rest *= np.take((m_node - c_node) * inv, node, axis=1, out=tmp, mode="clip")  # the node could not absorb
         cap *= np.take((m_node - r_node) * inv, node, axis=1, out=tmp, mode="clip")  # its replicas still take
     else:
-        remote = np.zeros((c.shape[1], c.shape[1]))
+        remote = np.zeros((rest.shape[1], rest.shape[1]))
     total = cap.sum(axis=1, keepdims=True)  # 3. the rest crosses, over the spare capacity left
     remote += rest.T @ np.divide(cap, np.where(total > 0, total, 1.0), out=tmp)  # a row of 0 stays 0
     np.fill_diagonal(remote, 0.0)
     return local, remote
+
+
+def class_traffic(counts: np.ndarray, share: np.ndarray, node: np.ndarray | None = None):
+    """(`served[G]`, the tokens each device's replicas serve; `[4, G]` tokens each device sends and
+    receives by the rule inside its node and across nodes: send intra, receive intra, send inter,
+    receive inter), all experts together: `route`'s totals without the `[src, dst]` matrix (O(E * G)
+    work). Exact: stage 2 never crosses nodes and, since per expert a node has either rest or
+    capacity left after it, stage 3 always does (with `nodes` None, one node: all of it is intra).
+    No device sends to itself (per expert a device has either rest or capacity after stage 1).
+    `node`: each device's node numbered 0..K-1 (`Cluster.node_index`; None: one node)."""
+    _, rest, cap, demand = _local_first(counts, share)
+    out = np.empty((4, rest.shape[1]))
+    out[0], out[1] = rest.sum(axis=0), cap.sum(axis=0)
+    if node is None:
+        out[2:] = 0.0
+    else:
+        inv, r_node, c_node, m_node = _in_node(rest, cap, node)
+        g = np.arange(len(node))
+        # what crosses: sum_e v[e, g] * left[e, node(g)], the [G, K] product's entries at (g, node(g))
+        out[2] = (rest.T @ ((m_node - c_node) * inv))[g, node]
+        out[3] = (cap.T @ ((m_node - r_node) * inv))[g, node]
+        out[:2] -= out[2:]
+    return demand.sum(axis=0), out
 
 
 def route_tokens(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None) -> np.ndarray:

@@ -115,6 +115,15 @@ def _balance(weight, base, b, k, C, K, N):
     return best * (1 - 1e-3 * SAFETY)
 
 
+def _largest(a: np.ndarray, k: int) -> np.ndarray:
+    """Each row's `k` largest values, largest first: a full descending sort's first `k` columns
+    (the same numbers in the same order), from a partition, which costs a fraction of the sort."""
+    n = a.shape[1]
+    if k < n:
+        a = np.partition(a, n - k, axis=1)[:, n - k:]
+    return np.sort(a, axis=1)[:, ::-1]
+
+
 def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     """Compute and what must cross links, balanced over devices and over nodes (the larger).
 
@@ -132,9 +141,9 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     c = np.minimum(ci, co)
     c = np.where(np.isfinite(c), c, 0.0)  # a lone device sends nothing
     C = counts.sum(axis=1)
-    srt = np.sort(counts, axis=1)[:, ::-1]  # descending
-    smax = min(int(cluster.slots.max()), srt.shape[1])  # fewer experts than slots: all of them
-    K = (srt[:, :smax] * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
+    smax = min(int(cluster.slots.max()), counts.shape[1])  # fewer experts than slots: all of them
+    srt = _largest(counts, smax)
+    K = (srt * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
     N = float(counts.sum())
     best = _balance(np.ones(G), lat, b, unit * c, C, K, N)
     nodes = cluster.num_nodes
@@ -142,7 +151,7 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
         onehot = cluster.node_onehot  # [G, K]
         D = onehot.T @ counts  # [K, E] node demand
         slots = onehot.T @ cluster.slots
-        Ds = np.sort(D, axis=1)[:, ::-1]
+        Ds = _largest(D, int(slots.max()))
         KN = np.array([Ds[n, :int(slots[n])].sum() for n in range(nodes)])
         # a node's devices' total time: sum_g (T - lat_g) >= b Y + 4 tb co max(out, in); co is each
         # node's cheapest inter-node link

@@ -6,22 +6,24 @@ routes each expert's tokens by the estimator's own hierarchical rule (own device
 then other nodes), so that moves which keep traffic inside a node are seen to pay. A full
 estimate costs about a millisecond at 256 experts on 64 devices, too dear for every move.
 The estimator is the final judge: among the start, the greedy result, the greedy result with
-levelled shares, the wrap-around construction and the node-aware constructions (nodes first,
-then devices: `construct.hierarchical`, each also with owners that spread the inter-node weight
-syncs: `construct.spread_owners`), the best estimated objective wins (`judge`: one whose compute
-time alone exceeds the best so far, such as a static start, is not estimated).
+levelled shares (up to `SHARES_CELLS`), the wrap-around construction and the node-aware
+constructions (nodes first, then devices: `construct.hierarchical`, each also with owners that
+spread the inter-node weight syncs: `construct.spread_owners`), the best estimated objective wins
+(`judge`: best first on lower bounds, so usually only the winner is estimated).
 Deterministic: ties go to the lowest expert and device ids.
 """
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, SYNC_PHASES, compute_makespan, estimate
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES, compute_makespan, estimate, sync_seconds
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
-from planner.score import clean_shares, even_shares, pick_owner, verdict
+from planner.score import clean_shares, even_shares, floor_terms, migration_s, pick_owner, step_floor, verdict
 
 BALANCE_THRESHOLD = 1.02  # stop once the busiest device has at most 2% over the mean tokens
 MIN_GAIN = 1e-9  # seconds: a move must beat this to count
@@ -29,6 +31,10 @@ PRUNE_MARGIN = 1e-9  # relative: a bound must beat the best by this to skip an e
 # experts x devices up to which the node-aware constructions are tried here: they cost about
 # 20 ms per variant at 256 x 64, over the greedy's budget; the ILP, which has seconds, always tries them
 HIERARCHICAL_CELLS = 4096
+# experts x devices up to which the greedy placement is also judged with levelled shares: beyond,
+# levelling compute costs locality (on the 156 guard instances it never won above 81 x 64, and
+# lost by 9-17% at 256 x 64), and the levelling costs about 0.8 ms there
+SHARES_CELLS = 8192
 TINY = np.finfo(np.float64).tiny
 
 
@@ -56,7 +62,7 @@ class _State:
         self.q = load / self.r  # tokens per replica
         self.tok = (self.x * self.q[:, None]).sum(axis=0)
         self.n = self.x.sum(axis=0)
-        self.last = None
+        self.last = self.p = None
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
         self.sync_to = SYNC_PHASES * self.P * self.invb.T
@@ -119,7 +125,11 @@ class _State:
         return A2A_PHASES * (intra + inter) + self.lat
 
     def times(self):
-        return self.a * self.n + self.b * self.tok + self.sync + self._a2a(self.a2a_parts)
+        """Per-device proxy seconds; after `apply(..., k)`, the row its trial computed (the same
+        terms, summed in another order: equal up to rounding)."""
+        if self.p is None:
+            self.p = self.a * self.n + self.b * self.tok + self.sync + self._a2a(self.a2a_parts)
+        return self.p
 
     def score(self, p, mig):
         return p.max() + mig.max() / self.interval
@@ -134,9 +144,9 @@ class _State:
         y = rows * (le / rows.sum(axis=1))[:, None]  # tokens per replica after the change
         dt = y - xe * self.q[es][:, None]
         s, m, a2a = self._rows(es, rows, owners, y)
-        self.last = (s, m, a2a)
         p = (self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
              + self._a2a(self.a2a_parts[None] - self.a2a_e[es] + a2a))
+        self.last = (s, m, a2a, p)
         return p.max(axis=1) + (self.mig - self.mig_e[es] + m).max(axis=1) / self.interval
 
     def apply(self, e, row, own, k=None):
@@ -145,9 +155,10 @@ class _State:
         self.tok += row * (self.load[e] / r_new) - self.x[e] * (self.load[e] / self.r[e])
         self.n += row.astype(np.int64) - self.x[e]
         if k is not None:
-            s, m, a2a = (v[k] for v in self.last)
+            s, m, a2a, self.p = (v[k] for v in self.last)
         else:
             (s,), (m,), (a2a,) = self._rows(np.array([e]), row[None, :], np.array([own]))
+            self.p = None
         self.last = None
         self.sync += s - self.sync_e[e]
         self.mig += m - self.mig_e[e]
@@ -291,8 +302,9 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
         best, moves = obj, moves + 1
     # the estimator judges: start, greedy, greedy with levelled shares, wrap-around construction
     gx, go = st.x.copy(), st.owner.copy()
-    cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), go),
-             ("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), go)]
+    cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), go)]
+    if num_experts * cluster.num_devices <= SHARES_CELLS:
+        cands.append(("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), go))
     mx, ms = mcnaughton(cluster, load)
     cands.append(("wrap-around", mx, ms, pick_owner(cluster, mx, ms, current)))
     if num_experts * cluster.num_devices <= HIERARCHICAL_CELLS:
@@ -311,21 +323,32 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
 def judge(cluster: Cluster, counts, cands, current, interval):
     """(index of the best, {name: objective}, the best's `score.Verdict`) of candidates (name, x,
     share, owner) by the estimator's objective on the shares the plan would report
-    (`score.clean_shares`), ties to the first. A candidate whose compute time alone (a lower bound
-    on its step) exceeds the best objective found so far cannot win: it is not estimated and
-    its objective reads None. Candidates are estimated in the order of that bound."""
-    bound = [compute_makespan(cluster, counts, x, s) for _, x, s, _ in cands]
+    (`score.clean_shares`), ties to the first. Best first on lower bounds: each candidate's compute
+    time alone, then, for those that could still win, `score.step_floor` plus its migration (near
+    exact, a fraction of an estimate); a candidate is estimated only when it comes first on that
+    floor, so usually the winner alone is. One whose bound exceeds the best objective found cannot
+    win: not estimated, its objective reads None."""
+    heap = [(compute_makespan(cluster, counts, x, s), 0, i) for i, (_, x, s, _) in enumerate(cands)]
+    heapq.heapify(heap)
     best, objs, found = (np.inf, len(cands)), {}, None
     same = {}  # by (x, owner): candidates that differ only in shares share migration and sync
-    for i in sorted(range(len(cands)), key=bound.__getitem__):
+    terms = floor_terms(cluster)
+    while heap:
+        bound, floored, i = heapq.heappop(heap)
+        if bound > best[0] * (1 + PRUNE_MARGIN):
+            break  # every other bound is at least this
         name, x, s, o = cands[i]
-        if bound[i] > best[0] * (1 + PRUNE_MARGIN):
-            objs[name] = None
+        o = np.asarray(o)
+        s = clean_shares(x, s)
+        key = (x.tobytes(), o.tobytes())
+        if key not in same:
+            same[key] = migration_s(cluster, current, x, o, interval), sync_seconds(cluster, x, o)
+        mig, sync = same[key]
+        if not floored:
+            heapq.heappush(heap, (step_floor(cluster, counts, x, s, sync, terms) + mig, 1, i))
             continue
-        key = (x.tobytes(), np.asarray(o).tobytes())
-        v = verdict(cluster, counts, x, clean_shares(x, s), o, current, interval, *same.get(key, (None, None)))
-        same[key] = v.migration_s, v.estimate.sync
+        v = verdict(cluster, counts, x, s, o, current, interval, mig, sync)
         objs[name] = v.objective
         if (v.objective, i) < best:
             best, found = (v.objective, i), v
-    return best[1], {name: objs[name] for name, *_ in cands}, found
+    return best[1], {name: objs.get(name) for name, *_ in cands}, found

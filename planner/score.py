@@ -12,8 +12,9 @@ from typing import NamedTuple
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import Breakdown, estimate, fold_sources, lower_bound, migration_seconds
+from cost_models.estimator import A2A_PHASES, Breakdown, estimate, fold_sources, lower_bound, migration_seconds
 from cost_models.files import InputError
+from cost_models.routing import class_traffic
 from planner import bounds
 from planner.plan import LayerPlan
 
@@ -78,6 +79,29 @@ def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migrat
     if migration is None:
         migration = migration_s(cluster, current, x, owner, interval)
     return Verdict(share, owner, estimate(cluster, counts, x, share, owner, sync), migration)
+
+
+def floor_terms(cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per device: all-to-all seconds per token sent or received inside the node and across, at
+    its cheapest link of each class (0 where it has none), and its all-to-all latency."""
+    ci, co = bounds._finite_class_costs(cluster)
+    unit = A2A_PHASES * cluster.expert.token_bytes
+    return unit * ci, unit * co, bounds.latency(cluster)
+
+
+def step_floor(cluster: Cluster, counts, x, share, sync: np.ndarray, terms=None) -> float:
+    """A lower bound on `estimate(...).step_time` for this placement, from the tokens each device
+    sends and receives inside and across nodes (`routing.class_traffic`, O(E * G)) at its cheapest
+    link of each class, with the estimate's own compute and `sync` (its sync seconds): equal to
+    the step, up to rounding, where each link class has one bandwidth. A fraction of an estimate's
+    cost: judges estimate only what this says could win. `terms`: `floor_terms(cluster)`, if the
+    caller has them."""
+    ci, co, lat = floor_terms(cluster) if terms is None else terms
+    tokens, (send_i, recv_i, send_o, recv_o) = class_traffic(fold_sources(counts, cluster.num_devices), share,
+                                                             cluster.node_index)
+    a2a = np.maximum(send_i, recv_i) * ci + np.maximum(send_o, recv_o) * co
+    return float((cluster.compute_a * np.asarray(x, bool).sum(axis=0) + cluster.compute_b * tokens + sync + a2a
+                  + lat).max())
 
 
 def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: LayerPlan | None) -> np.ndarray:

@@ -56,8 +56,8 @@ MUTATIONS = [
              "    sh = np.where(valid, 1.0, 0.0)\n",
              ("tests/test_routing.py",), "whole-token routing splits every expert evenly over its replicas"),
     Mutation("route-ignores-shares", "cost_models/routing.py",
-             "    demand = c.sum(axis=1, keepdims=True) * share\n",
-             "    demand = c.sum(axis=1, keepdims=True) * (share > 0) / np.maximum((share > 0).sum(axis=1, "
+             "    demand = counts.sum(axis=0)[:, None] * share\n",
+             "    demand = counts.sum(axis=0)[:, None] * (share > 0) / np.maximum((share > 0).sum(axis=1, "
              "keepdims=True), 1)\n",
              ("tests/test_routing.py", "tests/test_estimator.py"),
              "the estimator's fractional routing splits every expert evenly"),
@@ -128,7 +128,7 @@ MUTATIONS = [
     Mutation("objective-ignores-migration", "planner/score.py",
              "        return self.estimate.step_time + self.migration_s\n",
              "        return self.estimate.step_time\n",
-             ("tests/test_planner_solve.py",), "solvers judge plans without their migration cost"),
+             ("tests/test_planner_solve.py", "tests/test_verdict.py"), "solvers judge plans without their migration cost"),
     Mutation("capacity-drops-nothing", "planner/baselines.py",
              "\"dropped_tokens\": int(dropped),", "\"dropped_tokens\": 0,",
              ("tests/test_planner_solve.py",), "the capacity baseline reports no dropped tokens",

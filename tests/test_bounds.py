@@ -114,6 +114,14 @@ def test_node_bound_with_migration_lumps_never_exceeds_brute_force(name, current
     assert node >= bounds.quick_bound(cluster, counts) * (1 - 1e-6)
 
 
+def test_largest_is_the_head_of_a_descending_sort():
+    rng = np.random.default_rng(1)
+    for shape, k in (((5, 30), 4), ((3, 7), 7), ((2, 4), 9), ((6, 50), 1)):
+        a = rng.integers(0, 6, shape).astype(float)  # many ties
+        want = np.sort(a, axis=1)[:, ::-1][:, :k]
+        assert np.array_equal(bounds._largest(a, k), want)
+
+
 def test_balance_is_the_exact_optimum_of_its_lp():
     """`_balance` (the traffic bound's core) finds the smallest level exactly, from below: it
     matches the linear program it solves (GLOP), never above it and not looser than rounding."""

@@ -70,13 +70,18 @@ def test_greedy_incremental_state_matches_a_fresh_one():
     counts = spread(np.array([900, 400, 300, 200, 100, 50, 40, 30, 20]), 6, seed=3).astype(np.float64)
     cur = static_layer(9, cluster.slots)
     st = _State(cluster, counts, cur.replicas(), cur.owner.copy(), cur.replicas(), cur.owner, 5)
-    for _ in range(6):
+    for step in range(6):
         cands = _candidates(st)
         if cands is None:
             break
         objs = st.trials(*cands)
         i = int(np.argmax(objs))  # any candidate, not only the best
-        st.apply(int(cands[0][i]), cands[1][i], int(cands[2][i]), i)
+        st.apply(int(cands[0][i]), cands[1][i], int(cands[2][i]), i if step % 2 else None)
+        # the times the next move starts from (the applied trial's row), as a fresh sum gives them
+        p = st.times()
+        st.p = None
+        np.testing.assert_allclose(p, st.times(), rtol=1e-12)
     fresh = _State(cluster, counts, st.x, st.owner, cur.replicas(), cur.owner, 5)
     for name in ("sync", "mig", "a2a_parts", "tok", "n"):
         assert np.allclose(getattr(st, name), getattr(fresh, name)), name
+    assert np.allclose(st.times(), fresh.times())

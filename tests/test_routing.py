@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cost_models.routing import apportion, route, route_table, route_tokens
+from cost_models.routing import apportion, class_traffic, route, route_table, route_tokens
 
 
 def reference_route(counts, share, nodes=None):
@@ -102,6 +102,20 @@ def test_the_fast_fractional_form_equals_the_table_in_fractional_tokens(seed, nu
     for e, j in zip(*np.nonzero(table.dev >= 0)):
         kept[e, table.dev[e, j]] = table.tokens[e, table.dev[e, j], j]
     np.testing.assert_allclose(local, kept, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 8), st.integers(1, 6), st.integers(0, 3))
+def test_class_traffic_is_what_route_sends_inside_and_across_nodes(seed, num_dev, num_exp, num_nodes):
+    counts, share, nodes = random_case(seed, num_dev, num_exp, num_nodes)
+    _, remote = route(counts, share, nodes)
+    node = np.zeros(num_dev, dtype=np.int64) if nodes is None else nodes
+    cross = node[:, None] != node[None, :]
+    inside, across = np.where(cross, 0.0, remote), np.where(cross, remote, 0.0)
+    want = np.stack([inside.sum(1), inside.sum(0), across.sum(1), across.sum(0)])
+    served, traffic = class_traffic(counts, share, nodes)
+    np.testing.assert_allclose(traffic, want, atol=1e-9)
+    np.testing.assert_allclose(served, counts.sum(axis=0) @ share, atol=1e-9)
 
 
 def test_table_views_agree_with_the_dense_flow():
