@@ -185,6 +185,18 @@ MUTATIONS = [
     Mutation("compare-ignores-slots", "flexmoe/commands/compare.py",
              "        c = c.with_slots(slots)\n", "        pass\n",
              ("tests/test_compare.py",), "compare --slots is accepted and ignored"),
+    Mutation("refine-ignores-migration", "planner/refine.py",
+             "            if ne.step_time + nm < est.step_time + mig - MIN_GAIN:\n",
+             "            if ne.step_time < est.step_time - MIN_GAIN:\n",
+             ("tests/test_refine.py",), "the local search takes moves whose migration outweighs their gain"),
+    Mutation("refine-without-levelling", "planner/refine.py",
+             "        share, est = min(((t, estimate(cluster, counts, x, t, owner)) for t in tries), key=lambda r: r[1].step_time)\n",
+             "        share, est = share, estimate(cluster, counts, x, share, owner)\n",
+             ("tests/test_refine.py",), "levelled shares are the shares given"),
+    Mutation("realise-without-pairing", "planner/refine.py",
+             "                g = min(room(e), key=lambda g: (owed[g] <= hosted[g], hosted[g] - owed[g], busy[g]))\n",
+             "                g = min(room(e), key=lambda g: busy[g])\n",
+             ("tests/test_refine.py",), "followers of other nodes' experts ignore the owners' devices"),
 ]
 
 
