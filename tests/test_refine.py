@@ -11,6 +11,7 @@ from planner.greedy import greedy
 from planner.plan import static_layer
 from planner.refine import level_shares, realise, refine
 from planner.score import clean_shares, even_shares, objective
+from planner.solve import plan_layer
 from tests.planner_helpers import spread
 from tests.test_bounds import slow_cluster
 
@@ -97,3 +98,15 @@ def test_refine_with_an_evaluation_limit_is_reproducible():
     a = refine(cluster, counts, cur, 5, x, s, o, max_evals=15)
     b = refine(cluster, counts, cur, 5, x, s, o, max_evals=15)
     assert a[2] == b[2] <= 15 and (a[0] == b[0]).all() and np.array_equal(a[1].share, b[1].share)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_move_must_pay_for_its_migration(seed):
+    """Re-planning every step (interval 1), each moved replica or owner costs its whole transfer:
+    the search may not trade a slightly faster step for a dearer migration."""
+    cluster, counts = _case(seed)
+    lp = plan_layer(cluster, counts, static_layer(counts.shape[1], cluster.slots), solver="greedy", interval=1)
+    x, s, o = lp.replicas(), lp.shares(), lp.owner
+    rx, v, _ = refine(cluster, counts, lp, 1, x, s, o)
+    start = level_shares(cluster, counts, x, o, s, rounds=3)[1].step_time  # nothing migrates at the start
+    assert v.objective <= start + 1e-15
