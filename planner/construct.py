@@ -25,6 +25,12 @@ SEARCH_STEPS = 40
 SEARCH_TOLERANCE = 1e-3  # relative: a finer target changes no placement that matters
 
 
+def inter_sync_s(cluster: Cluster) -> float:
+    """Seconds one follower replica's sync (both phases) costs over the inter-node link class (0
+    on one node): what node-first layouts charge a replica of an expert served on several nodes."""
+    return SYNC_PHASES * cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
+
+
 def _wrap(load, order, a, b, slots, target, light):
     """Fill devices in turn up to `target` seconds: first up to `light` whole items from the light
     end of `order`, then items from the heavy end, splitting the one that crosses the target onto
@@ -225,7 +231,7 @@ def hierarchical(cluster: Cluster, counts: np.ndarray, extras=None) -> list[tupl
         return []
     if extras is None:
         extras = sorted({0, spare} | {v for v in (1, 2, 4, 8, 16, 32) if v < spare} | {spare // 2})
-    sync_s = SYNC_PHASES * cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
+    sync_s = inter_sync_s(cluster)
     out = []
     for extra in extras:
         budget = _budgets(node_slots, E + int(extra))
@@ -417,7 +423,7 @@ def from_nodes(cluster: Cluster, counts: np.ndarray, tokens: np.ndarray, owner_n
     a, b, slots = cluster.compute_a, cluster.compute_b, cluster.slots
     host = tokens > 1e-9 * max(load.max(), 1.0)
     host[np.arange(E), owner_node] = True  # the owner node keeps a replica
-    sync_s = SYNC_PHASES * cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
+    sync_s = inter_sync_s(cluster)
     cross = host.sum(axis=1) > 1
     x = np.zeros((E, G), dtype=bool)
     tok = np.zeros((E, G))

@@ -8,9 +8,9 @@ levelled so that every device's whole step (compute + all-to-all + sync) reaches
 (`level_shares`). Candidates: hand an expert's optimizer state to another of its replicas, swap
 two replicas between devices of one node, or move a replica to a free slot of its node. Devices
 that spend most on communication are tried first; the first improvement is taken, until a
-local optimum, the deadline or the evaluation limit. About a millisecond per candidate at 32
-experts on 16 devices, so it runs where there is time: the offline solve, and the part of the
-online ILP's budget the solver does not need.
+local optimum, the deadline or the evaluation limit (each scan starts where the last improvement
+was found). About a millisecond per candidate at 32 experts on 16 devices, so it runs where
+there is time: the offline solve, and half the online ILP's budget after its hints.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import SYNC_PHASES, Breakdown, estimate
-from planner.construct import balance_shares
+from cost_models.estimator import Breakdown, estimate
+from planner.construct import balance_shares, inter_sync_s
 from planner.plan import LayerPlan
 from planner.score import Verdict, clean_shares, migration_s
 
@@ -168,7 +168,7 @@ def realise(cluster: Cluster, counts: np.ndarray, replicas: np.ndarray, owner_no
     cross = (n > 0).sum(axis=1) > 1
     remote = n.sum(axis=1)[:, None] - n  # [E, K] replicas of e on other nodes than k
     node, a, b, slots = cluster.node_index, cluster.compute_a, cluster.compute_b, cluster.slots
-    sync_s = SYNC_PHASES * cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
+    sync_s = inter_sync_s(cluster)
     x, tok, owner = np.zeros((E, G), dtype=bool), np.zeros((E, G)), np.full(E, -1)
     busy = np.zeros(G)  # compute seconds so far
     hosted, owed = np.zeros(G, dtype=np.int64), np.zeros(G, dtype=np.int64)  # followers hosted / owed across
