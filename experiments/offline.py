@@ -3,15 +3,14 @@ bound, and how far greedy, EPLB and the online ILP are from that bound.
 
 `flexmoe compare --offline-budget SECONDS` wraps the replay's planner (`offline_plan_fn`): at each
 re-plan of the ILP policy, on the very inputs the online ILP got (predicted loads, placement in
-force, interval), it also runs greedy and EPLB, then spends the budget on
-1. the node-level relaxation (`planner.bounds.NodeRelaxation`), three short solves: a proven
-   bound, and node structures (their incumbents) made into device plans three ways
-   (`planner.construct.from_nodes`, with owners spread, and `planner.refine.realise`), each
-   finished by `planner.refine`'s local search, judged by the estimator itself;
-2. `polish` on every plan known: owners re-picked, shares from the relaxation's LP;
-3. `planner.refine`'s local search, judged by the estimator, on the three best plans so far;
-4. the CP-SAT ILP hinted with the best plan known, those included, and its result polished and
-   refined;
+force, interval), it also runs greedy and EPLB, then spends the budget in two lanes (`_search`):
+1. the node-level relaxation (`planner.bounds.NodeRelaxation`), two stages, in a second process
+   when there are workers for it: a proven bound, and node structures (their incumbents);
+2. meanwhile the plan search: `polish` on the policies' plans (owners re-picked, shares from the
+   relaxation's LP), `planner.refine`'s local search (judged by the estimator itself) on the best
+   plans, and each stage's incumbent made into device plans three ways
+   (`planner.construct.from_nodes`, with owners spread, and `planner.refine.realise`), refined;
+3. last, the CP-SAT ILP hinted with every plan known (it refines its own result);
 and reports the best plan's objective, the best valid bound (the max of the cheap bounds and the
 relaxation's), and every policy's distance to that bound (objective / bound - 1), in `info`
 under `offline_*` keys that the replay copies into `replans.csv`.

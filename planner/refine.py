@@ -148,7 +148,6 @@ def refine(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None, inte
     return x, Verdict(share, owner, est, mig), evals
 
 
-
 def realise(cluster: Cluster, counts: np.ndarray, replicas: np.ndarray, owner_node: np.ndarray,
             tokens: np.ndarray):
     """A device plan for a node-level one (`replicas[e, k]` and `tokens[e, k]` per node,
@@ -178,8 +177,7 @@ def realise(cluster: Cluster, counts: np.ndarray, replicas: np.ndarray, owner_no
         tok[e, g] = tokens[e, k] / n[e, k]
         busy[g] += a[g] + b[g] * tok[e, g]
 
-    for k in range(n.shape[1]):
-        devs = np.flatnonzero(node == k)
+    for k, devs in enumerate(cluster.node_devices):
         if n[:, k].sum() > slots[devs].sum() or (n[:, k] > len(devs)).any():
             return None
         room = lambda e: [int(g) for g in devs if x[:, g].sum() < slots[g] and not x[e, g]]
