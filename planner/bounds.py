@@ -499,8 +499,19 @@ class NodeRelaxation:
         ci, co = _finite_class_costs(cl)
         self.ci_k = np.array([ci[d].min() for d in devs])
         self.co_k = np.array([co[d].min() for d in devs])
-        self.floor_c = np.array([float((lat[d] + a[d]).min()) for d in devs]) / tau  # a replica's fixed time
+        # a replica's fixed time: its device's latency, the replica's own compute term and the
+        # all-to-all the device pays whatever it serves (it sends what its slots cannot keep of
+        # its own tokens, at its cheapest link: `traffic_bound`'s floor)
+        cheapest = np.minimum(*_class_costs(cl))
+        cheapest = np.where(np.isfinite(cheapest), cheapest, 0.0)
+        slots = cl.slots
+        own_src = self.counts  # [G, E] tokens each device's sources route
+        kept = np.array([np.sort(own_src[g])[::-1][:int(slots[g])].sum() for g in range(cl.num_devices)])
+        sends = A2A_PHASES * cl.expert.token_bytes * cheapest * (own_src.sum(axis=1) - kept)
+        self.floor_c = np.array([float((lat[d] + a[d] + sends[d]).min()) for d in devs]) / tau
         self.bu = np.array([float(b[d].min()) for d in devs]) * U / tau  # time units per block
+        P = cl.expert.param_bytes
+        self.pi, self.po = SYNC_PHASES * P * self.ci_k / tau, SYNC_PHASES * P * self.co_k / tau  # a sync unit
 
     def _variables(self) -> None:
         s, E, K = self.solver, self.E, self.K
@@ -528,15 +539,32 @@ class NodeRelaxation:
                 s.Add(T >= f(r) + (f(r + 1) - f(r)) * (R - r))
             for k in range(K):
                 s.Add(sum(z[e][k]) == u[e][k])
-                # j replicas on node k serve at most j devices' time: b Y <= j (T - lat - a)
-                big = float(bu[k] * L[e] + per_dev[k] * floor_c[k])
+                # j replicas on node k serve at most j devices' time less what those devices pay
+                # anyway: b Y <= j (T - fixed) - their sync (`_replica_sync`)
+                sync = self._replica_sync(e, k)
                 for j, v in enumerate(z[e][k], start=1):
-                    s.Add(float(bu[k]) * Y[e][k] <= j * T - j * float(floor_c[k]) + big * (1 - v))
+                    big = float(bu[k] * L[e] + j * (floor_c[k] + self.po[k] + 2 * self.pi[k]) + self.po[k])
+                    s.Add(float(bu[k]) * Y[e][k] <= j * T - j * float(floor_c[k]) - sync(j) + big * (1 - v))
                 s.Add(own[e][k] <= u[e][k])
                 s.Add(Y[e][k] <= float(min(L[e], self.cap[k] * per_dev[k])) * u[e][k])
                 if np.isfinite(self.cap[k]):
                     s.Add(Y[e][k] <= float(self.cap[k]) * n[e][k])
                 s.Add(self.out[e][k] - self.inn[e][k] == float(self.D[e, k]) - Y[e][k])
+
+    def _replica_sync(self, e: int, k: int):
+        """The sync the devices holding e's j replicas on node k pay at least, as a function of j:
+        off e's owner node each replica is a follower across (one inter-node unit each); on it,
+        the owner receives from the j - 1 others and each of them sends (intra units), and the
+        owner also receives across when e is served on another node too."""
+        s, K, u, own = self.solver, self.K, self.u, self.own
+        if K == 1:
+            return lambda j: 2 * (j - 1) * float(self.pi[k]) * own[e][k]
+        cross = s.NumVar(0, 1, "")  # e owned on k and served elsewhere too
+        for j in range(K):
+            if j != k:
+                s.Add(cross >= own[e][k] + u[e][j] - 1)
+        pi, po = float(self.pi[k]), float(self.po[k])
+        return lambda j: j * po * (1 - own[e][k]) + po * cross + 2 * (j - 1) * pi * own[e][k]
 
     def _kept_local(self, k: int):
         """Blocks kept on their own device in node k: at most what the devices' slots hold of
@@ -597,8 +625,7 @@ class NodeRelaxation:
                 s.Add(x2 >= w2 - spare)
                 lump.append(x2)
         S = s.NumVar(0, inf, "")
-        P = self.cluster.expert.param_bytes
-        pi, po = SYNC_PHASES * P * self.ci_k[k] / self.tau, SYNC_PHASES * P * self.co_k[k] / self.tau
+        pi, po = self.pi[k], self.po[k]
         s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
         s.Add(S >= float(pi) * sum(fi) + float(po) * sum(oo))
         if lump:

@@ -58,6 +58,9 @@ CASES = [
     ("1 node", slow_cluster(nodes=1, per_node=(3,)), [200, 50, 10], 2),
     ("2 nodes, one very hot", slow_cluster(per_node=(2, 1)), [900, 10, 10], 3),
     ("1 node, one very hot", slow_cluster(nodes=1, per_node=(3,)), [900, 10, 10], 3),
+    # more experts than a device holds: every source sends most of its tokens, whatever it hosts
+    ("1 node, four experts", slow_cluster(nodes=1, per_node=(2,)), [120, 100, 80, 60], 4),
+    ("2 nodes, four experts", slow_cluster(per_node=(2, 2), slots=1), [300, 100, 80, 60], 5),
 ]
 
 
