@@ -8,8 +8,9 @@ force, interval), it also runs greedy and EPLB, then spends the budget in two la
    when there are workers for it: a proven bound, and node structures (their incumbents);
 2. meanwhile the plan search: `polish` on the policies' plans (owners re-picked, shares from the
    relaxation's LP), `planner.refine`'s local search (judged by the estimator itself) on the best
-   plans, and each stage's incumbent made into device plans three ways
-   (`planner.construct.from_nodes`, with owners spread, and `planner.refine.realise`), refined;
+   plans, and each stage's incumbent made into device plans four ways
+   (`planner.construct.from_nodes`, with owners spread, `planner.refine.realise` and
+   `planner.layout`'s program per node), refined;
 3. last, the CP-SAT ILP hinted with every plan known (it refines its own result);
 and reports the best plan's objective, the best valid bound (the max of the cheap bounds and the
 relaxation's), and every policy's distance to that bound (objective / bound - 1), in `info`
@@ -27,6 +28,7 @@ import numpy as np
 from cost_models.estimator import estimate
 from planner import bounds
 from planner.construct import from_nodes, spread_owners
+from planner.layout import layout
 from planner.refine import realise, refine
 from planner.score import check_loads, finish, migration_s, objective, pick_owner
 
@@ -37,6 +39,7 @@ FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from
 # local cuts (often proved quickly), then with them, capped by the best plan known by then.
 RELAX_STAGES = ((0.45, False), (0.4, True))
 NODE_REFINE_SHARE = 0.04  # each device plan made from a node incumbent
+LAYOUT_SHARE = 0.05  # each node incumbent's layout program (all nodes together)
 REFINE_SHARE = 0.08  # each of the best plans refined while the relaxation runs
 REFINE_TOP = 3  # that many before the first stage ends at least (hints for the ILP)
 POLISH_SHARE = 0.03  # each plan polished (at most 5 s)
@@ -188,9 +191,9 @@ def _refine_best(cluster, counts, current, interval, plans, obj, top: int, slot,
 
 
 def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, slot, share: float):
-    """A node solution (u, n, own, Y) made into device plans three ways (`construct.from_nodes`
-    with its owners and with owners spread, and `refine.realise`, laid out for the slow syncs to
-    overlap), each refined for `slot(share)` seconds with shares also levelled inside nodes; all
+    """A node solution (u, n, own, Y) made into device plans four ways (`construct.from_nodes`
+    with its owners and with owners spread, `refine.realise`, laid out for the slow syncs to
+    overlap, and `planner.layout`, each node's layout solved whole), each refined for `slot(share)` seconds with shares also levelled inside nodes; all
     join `plans` and `obj` (different starts end in quite different plans: the estimator picks)."""
     starts = {}
     made = from_nodes(cluster, counts, sol[3], sol[2])
@@ -201,6 +204,9 @@ def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, s
     paired = realise(cluster, counts, sol[1], sol[2], sol[3])
     if paired is not None:
         starts["/paired"] = paired
+    solved = layout(cluster, counts, sol[1], sol[2], sol[3], seconds=slot(LAYOUT_SHARE)) if slot(LAYOUT_SHARE) else None
+    if solved is not None:
+        starts["/layout"] = solved
     for tag, (x, s, o) in starts.items():
         rx, v, _ = refine(cluster, counts, current, interval, x, s, o, seconds=slot(share), within_nodes=True)
         plans[name + tag], obj[name + tag] = (rx, v.share, v.owner), v.objective

@@ -100,9 +100,9 @@ def test_diagnosis_splits_plan_and_relaxation_by_the_same_terms():
 
 
 def test_every_node_incumbent_becomes_refined_device_plans():
-    """The offline solve turns each node relaxation's incumbent into device plans three ways,
+    """The offline solve turns each node relaxation's incumbent into device plans four ways,
     scored by the estimator (what `obj` says is that plan's objective) and kept among the
-    candidates; the paired layout keeps the node solution's replica counts."""
+    candidates; the paired and the solved layouts keep the node solution's replica counts."""
     from planner import bounds
     from planner.score import objective
     cluster = slow_cluster(per_node=(2, 2))
@@ -111,15 +111,16 @@ def test_every_node_incumbent_becomes_refined_device_plans():
     sol = bounds.NodeRelaxation(cluster, counts, cur, 5).solve(5.0)[1]
     plans, obj = {}, {}
     offline._add_node_plans(cluster, counts, cur, 5, sol, "nodesX", plans, obj, lambda share: 1.0, 0.0)
-    assert set(plans) == {"nodesX", "nodesX/owners", "nodesX/paired"}
+    assert set(plans) == {"nodesX", "nodesX/owners", "nodesX/paired", "nodesX/layout"}
     for k, (x, s, o) in plans.items():
         assert x[np.arange(4), o].all() and np.allclose(s.sum(axis=1), 1) and (s[~x] == 0).all()
         assert obj[k] == pytest.approx(objective(cluster, counts, x, s, o, cur, 5))
     # refining moves replicas only inside a node: the paired plan has the node solution's counts
     want = sol[1].copy()
     want[np.arange(4), sol[2]] = np.maximum(want[np.arange(4), sol[2]], 1)
-    x = plans["nodesX/paired"][0]
-    assert (np.stack([x[:, d].sum(axis=1) for d in cluster.node_devices], axis=1) == want).all()
+    for tag in ("paired", "layout"):
+        x = plans[f"nodesX/{tag}"][0]
+        assert (np.stack([x[:, d].sum(axis=1) for d in cluster.node_devices], axis=1) == want).all(), tag
     found = offline.solve_instance(cluster, counts, cur, 5, budget=2.0, workers=1)
     assert any(k.startswith("nodes") for k in found["objectives"])
     assert found["offline_best_s"] == pytest.approx(min(found["objectives"].values()))

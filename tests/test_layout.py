@@ -1,0 +1,73 @@
+"""planner/layout.py: a node structure laid out on devices by a program per node."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cost_models.estimator import sync_seconds
+from planner.layout import layout
+from tests.planner_helpers import spread
+from tests.test_bounds import slow_cluster
+
+
+def _structure(rng, cluster, E):
+    """A random node structure that fits: replicas per node, owner node, tokens per node."""
+    K, m = cluster.num_nodes, [len(d) for d in cluster.node_devices]
+    n = np.zeros((E, K), dtype=np.int64)
+    free = np.array([int(cluster.slots[d].sum()) for d in cluster.node_devices])
+    own = np.zeros(E, dtype=np.int64)
+    for e in range(E):  # each owner on a node with a slot left
+        own[e] = rng.choice(np.flatnonzero(free > 0))
+        free[own[e]] -= 1
+    n[np.arange(E), own] = 1
+    for k in range(K):
+        room = int(cluster.slots[cluster.node_devices[k]].sum()) - n[:, k].sum()
+        for e in rng.permutation(E)[:max(room, 0)]:
+            if n[e, k] < m[k] and rng.random() < 0.6:
+                n[e, k] += 1
+    load = rng.integers(10, 300, E).astype(float)
+    w = np.where(n > 0, rng.random(n.shape) + 0.1, 0.0)
+    return n, own, load[:, None] * w / w.sum(axis=1, keepdims=True), load
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_layout_keeps_the_node_structure(seed):
+    """Replicas per node, the owner on its node, each node's tokens of each expert, the slots."""
+    rng = np.random.default_rng(seed)
+    cluster = slow_cluster(per_node=(3, 2), slots=2)
+    E = 6
+    n, own, tokens, load = _structure(rng, cluster, E)
+    counts = spread(np.rint(load).astype(int), cluster.num_devices, seed=seed).astype(float)
+    tokens *= counts.sum(axis=0)[:, None] / tokens.sum(axis=1, keepdims=True)  # the counts' totals
+    x, share, owner = layout(cluster, counts, n, own, tokens, seconds=10.0)
+    node = cluster.node_index
+    per_node = np.stack([x[:, d].sum(axis=1) for d in cluster.node_devices], axis=1)
+    assert np.array_equal(per_node, n)
+    assert (x.sum(axis=0) <= cluster.slots).all()
+    assert x[np.arange(E), owner].all() and np.array_equal(node[owner], own)
+    served = counts.sum(axis=0)[:, None] * share
+    assert np.allclose(np.stack([served[:, d].sum(axis=1) for d in cluster.node_devices], axis=1), tokens,
+                       rtol=1e-6, atol=1e-6)
+    assert np.allclose(share.sum(axis=1), 1) and (share[~x] == 0).all()
+
+
+def test_layout_pairs_an_owner_with_a_follower_across():
+    """Node 0 hosts the owner of expert 0 (two followers on node 1) and a follower of expert 1
+    (owned on node 1): on one device their syncs overlap (the larger of 1 sent and 2 received),
+    apart they add up; the light experts 2 and 3 take the other device."""
+    cluster = slow_cluster(per_node=(2, 2), slots=2)
+    n = np.array([[1, 2], [1, 1], [1, 0], [1, 0], [0, 1]])
+    own = np.array([0, 1, 0, 0, 1])
+    tokens = np.array([[5.0, 10.0], [5.0, 5.0], [60.0, 0.0], [60.0, 0.0], [0.0, 60.0]])
+    counts = spread(np.rint(tokens.sum(axis=1)).astype(int), cluster.num_devices, seed=1).astype(float)
+    x, share, owner = layout(cluster, counts, n, own, tokens, seconds=10.0)
+    assert owner[0] in (0, 1) and x[1, owner[0]], x
+    assert sync_seconds(cluster, x, owner)[:2].max() == pytest.approx(sync_seconds(cluster, x, owner)[owner[0]])
+
+
+def test_layout_refuses_a_structure_that_does_not_fit():
+    cluster = slow_cluster(per_node=(2, 1), slots=1)
+    n = np.array([[2, 1], [1, 0]])  # three replicas on node 0's two single-slot devices
+    counts = spread([50, 40], cluster.num_devices).astype(float)
+    assert layout(cluster, counts, n, np.array([0, 0]), np.array([[30.0, 20.0], [40.0, 0.0]])) is None
