@@ -197,6 +197,13 @@ MUTATIONS = [
              "                g = min(room(e), key=lambda g: (owed[g] <= hosted[g], hosted[g] - owed[g], busy[g]))\n",
              "                g = min(room(e), key=lambda g: busy[g])\n",
              ("tests/test_refine.py",), "followers of other nodes' experts ignore the owners' devices"),
+    Mutation("layout-ignores-slow-sync", "planner/layout.py",
+             "        s.Add(sync_o >= po * owed_o)\n", "",
+             ("tests/test_layout.py",), "an owner's receipts across nodes cost its device nothing"),
+    Mutation("node-bound-overcharges-sends", "planner/bounds.py",
+             "        sends = A2A_PHASES * cl.expert.token_bytes * cheapest * (own_src.sum(axis=1) - kept)\n",
+             "        sends = A2A_PHASES * cl.expert.token_bytes * cheapest * own_src.sum(axis=1)\n",
+             ("tests/test_bounds.py",), "a device's all-to-all floor forgets what it keeps (an invalid bound)"),
 ]
 
 
