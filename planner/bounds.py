@@ -467,6 +467,7 @@ class NodeRelaxation:
         self._node_data()
         self._variables()
         T = s.NumVar(0, s.infinity(), "T")
+        self.T_low = float(quick_bound(cluster, counts) / self.tau) * (1 - SAFETY)
         self._expert_rows(T)
         self.parts = []  # per node (replicas, blocks served, all-to-all, sync): for `terms`
         mig = None
@@ -478,7 +479,7 @@ class NodeRelaxation:
                 self._node_migration(k, mig, current)
         if mig is not None and self.K > 1:
             self._migration_lumps(mig, current)
-        s.Add(T >= float(quick_bound(cluster, counts) / self.tau) * (1 - SAFETY))
+        s.Add(T >= self.T_low)
         s.Minimize(T + (mig * (1.0 / interval) if mig is not None else 0))
         self.T, self.mig, self.interval = T, mig, interval
 
@@ -509,9 +510,15 @@ class NodeRelaxation:
         kept = np.array([np.sort(own_src[g])[::-1][:int(slots[g])].sum() for g in range(cl.num_devices)])
         sends = A2A_PHASES * cl.expert.token_bytes * cheapest * (own_src.sum(axis=1) - kept)
         self.floor_c = np.array([float((lat[d] + a[d] + sends[d]).min()) for d in devs]) / tau
+        self.fixed_c = np.array([float((lat[d] + a[d]).min()) for d in devs]) / tau  # without the sends
+        # [K][E, j]: what e's j largest sources on node k route (what j replicas there keep at most)
+        self.top = [np.concatenate([np.zeros((self.E, 1)), np.cumsum(-np.sort(-c[:, d], axis=1), axis=1)], axis=1)
+                    for d in devs]
         self.bu = np.array([float(b[d].min()) for d in devs]) * U / tau  # time units per block
         P = cl.expert.param_bytes
         self.pi, self.po = SYNC_PHASES * P * self.ci_k / tau, SYNC_PHASES * P * self.co_k / tau  # a sync unit
+        tb = cl.expert.token_bytes
+        self.ki, self.ko = A2A_PHASES * tb * U * self.ci_k / tau, A2A_PHASES * tb * U * self.co_k / tau  # a block
 
     def _variables(self) -> None:
         s, E, K = self.solver, self.E, self.K
@@ -540,11 +547,19 @@ class NodeRelaxation:
             for k in range(K):
                 s.Add(sum(z[e][k]) == u[e][k])
                 # j replicas on node k serve at most j devices' time less what those devices pay
-                # anyway: b Y <= j (T - fixed) - their sync (`_replica_sync`)
-                sync = self._replica_sync(e, k)
-                for j, v in enumerate(z[e][k], start=1):
-                    big = float(bu[k] * L[e] + j * (floor_c[k] + self.po[k] + 2 * self.pi[k]) + self.po[k])
+                # anyway: b Y <= j (T - fixed) - their sync (`_replica_sync`), where the fixed
+                # part holds the all-to-all each device pays for its own sources; or, the other
+                # side of the all-to-all, the tokens of e they receive: all they serve but what
+                # the j largest sources there keep, those entering the node across
+                ki, ko, top = float(self.ki[k]), float(self.ko[k]), self.top[k][e]
+                most = float((bu[k] + ki + ko) * L[e] + 2 * self.po[k] + 2 * per_dev[k] * self.pi[k])
+                # (none when e is too light for them to bind: T's floor implies them; a smaller model)
+                sync = self._replica_sync(e, k) if most > self.T_low - floor_c[k] else None
+                for j, v in enumerate(z[e][k] if sync is not None else [], start=1):
+                    big = float((bu[k] + ki + ko) * L[e] + j * (floor_c[k] + self.po[k] + 2 * self.pi[k]) + self.po[k])
                     s.Add(float(bu[k]) * Y[e][k] <= j * T - j * float(floor_c[k]) - sync(j) + big * (1 - v))
+                    s.Add((float(bu[k]) + ki) * Y[e][k] + (ko - ki) * self.inn[e][k]
+                          <= j * T - j * float(self.fixed_c[k]) - sync(j) + ki * float(top[j]) + big * (1 - v))
                 s.Add(own[e][k] <= u[e][k])
                 s.Add(Y[e][k] <= float(min(L[e], self.cap[k] * per_dev[k])) * u[e][k])
                 if np.isfinite(self.cap[k]):
@@ -589,12 +604,11 @@ class NodeRelaxation:
     def _node_a2a(self, k: int):
         """Node k's all-to-all time: intra sends at NVLink cost, the larger of outflow and inflow
         at the inter-node cost."""
-        s, E, cl, U, tau = self.solver, self.E, self.cluster, self.U, self.tau
+        s, E = self.solver, self.E
         outk = sum(self.out[e][k] for e in range(E))
         ink = sum(self.inn[e][k] for e in range(E))
         intra = float(self.D[:, k].sum()) - self._kept_local(k) - outk  # sent inside the node (= received inside)
-        tb = cl.expert.token_bytes
-        ki, ko = A2A_PHASES * tb * U * self.ci_k[k] / tau, A2A_PHASES * tb * U * self.co_k[k] / tau
+        ki, ko = self.ki[k], self.ko[k]
         A = s.NumVar(0, s.infinity(), "")
         s.Add(A >= float(ki) * intra + float(ko) * outk)
         s.Add(A >= float(ki) * intra + float(ko) * ink)
