@@ -41,12 +41,7 @@ def latency(cluster: Cluster) -> np.ndarray:
 
 def _class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
     """Cheapest seconds per byte from or to each device over each link class (inf when none)."""
-    invb = np.minimum(cluster.inv_beta, cluster.inv_beta.T)
-    inter = cluster.inter_mask
-    intra = ~inter & ~np.eye(cluster.num_devices, dtype=bool)
-    ci = np.where(intra, invb, np.inf).min(axis=1)
-    co = np.where(inter, invb, np.inf).min(axis=1)
-    return ci, co
+    return cluster.cheapest_inv_beta
 
 
 def compute_bound(cluster: Cluster, counts: np.ndarray) -> float:

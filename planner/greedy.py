@@ -280,7 +280,7 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
     moves = 0
     best = st.score(st.times(), st.mig)
     while moves < max_moves:
-        mean = st.tok.mean()
+        mean = st.tok.sum() / len(st.tok)  # as `mean()` computes it, without its overhead
         if mean > 0 and st.tok.max() / mean <= threshold:
             break
         step, obj = None, best
@@ -315,8 +315,9 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
             base = estimate(cluster, counts, hx, hs).total  # seconds without sync
             cands.append((name + "/owners", hx, hs, spread_owners(cluster, hx, base, own)))
     i, objs, best = judge(cluster, counts, cands, current, interval)
-    name, x, share, owner = cands[i]
-    return x, share, owner, {"solver": "greedy", "status": "heuristic", "moves_tried": moves, "picked": name,
+    name, x, _, owner = cands[i]
+    # the verdict's (cleaned) shares: what the plan reports, so `score.finish` need not clean them again
+    return x, best.share, owner, {"solver": "greedy", "status": "heuristic", "moves_tried": moves, "picked": name,
                              "candidates": objs}, best
 
 

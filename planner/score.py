@@ -141,13 +141,17 @@ def finish(cluster: Cluster, counts, x, share, owner, current, interval, layer_i
            known: Verdict | None = None) -> LayerPlan:
     """Turn a solver's matrices into a validated LayerPlan whose info holds the estimator's numbers.
     `known`: the solver's own verdict on this placement, used only where its shares and owner are
-    exactly those the plan ends up with (cleaned), so the numbers are the same either way."""
+    exactly those the plan ends up with (cleaned), so the numbers are the same either way; a solver
+    that hands the verdict's own shares (`share is known.share`, cleaned when it was made) spares
+    cleaning and comparing them again."""
     t0 = time.perf_counter()
     x = np.asarray(x, bool)
-    share = clean_shares(x, share)
+    if known is None or share is not known.share:
+        share = clean_shares(x, share)
     if owner is None:
         owner = pick_owner(cluster, x, share, current)
-    if known is not None and np.array_equal(known.share, share) and np.array_equal(known.owner, owner):
+    if (known is not None and (share is known.share or np.array_equal(known.share, share))
+            and np.array_equal(known.owner, owner)):
         est, mig = known.estimate, known.migration_s
     else:
         est, mig = estimate(cluster, counts, x, share, owner), migration_s(cluster, current, x, owner, interval)
