@@ -39,7 +39,10 @@ TINY = np.finfo(np.float64).tiny
 
 
 class _State:
-    """Placement with even shares and the per-device proxy terms, updated move by move."""
+    """Placement with even shares and the per-device proxy terms, updated move by move. The terms
+    of each expert are one `[6, G]` block (sync, migration, then the all-to-all's send intra,
+    receive intra, send inter, receive inter seconds), so a trial or a move adds and removes an
+    expert's terms in one numpy call, not three."""
 
     def __init__(self, cluster: Cluster, counts, x, owner, x0, owner0, interval):
         load = counts.sum(axis=0)
@@ -50,7 +53,6 @@ class _State:
         self.a, self.b = cluster.compute_a, cluster.compute_b
         self.P = cluster.expert.param_bytes
         self.invb = cluster.inv_beta
-        self.same_node = ~cluster.inter_mask
         self.node, self.num_nodes = cluster.node_index, cluster.num_nodes
         self.onehot = cluster.node_onehot  # [G, nodes]
         tb = cluster.expert.token_bytes
@@ -75,12 +77,17 @@ class _State:
         # moving the optimizer state, [from, to]: 0 on the diagonal (inv_beta's), so adding it for
         # every candidate's owner changes only the moved ones
         self.opt_s = cluster.expert.optimizer_bytes * self.invb
-        self.sync_e, self.mig_e, self.a2a_e = self._rows(slice(None), self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
-        self.sync, self.mig, self.a2a_parts = self.sync_e.sum(0), self.mig_e.sum(0), self.a2a_e.sum(0)
+        self.terms_e = self._rows(slice(None), self.x, self.owner)  # [E, 6, G]
+        self.terms = self.terms_e.sum(axis=0)  # [6, G], all experts
+
+    # the totals by kind: views into `terms`, so they follow its updates
+    sync = property(lambda self: self.terms[0])
+    mig = property(lambda self: self.terms[1])
+    a2a_parts = property(lambda self: self.terms[2:])
 
     def _rows(self, es, rows, owners, y=None):
-        """Per-device proxy terms of experts `es` (indices, or a slice: views, no copies) placed as
-        `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds, and
+        """Per-device proxy terms `[k, 6, G]` of experts `es` (indices, or a slice: views, no copies)
+        placed as `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds, and
         all-to-all (send intra, recv intra, send inter, recv inter) seconds under even shares,
         routed by the estimator's hierarchical rule (exact for the all-to-all when each link class
         has one bandwidth). `y`: the rows' tokens per replica, if the caller has them."""
@@ -89,13 +96,15 @@ class _State:
         rows = np.asarray(rows, bool)
         if y is None:
             y = rows * (self.load[es] / np.maximum(rows.sum(axis=1), 1))[:, None]
-        # sync: each follower and its owner pay a replica's bytes per phase over their link
-        f = self.sync_to[owners]
-        f *= rows
-        f[k, owners] = 0.0
+        out = np.empty((n, 6, rows.shape[1]))
+        f, mig, a2a = out[:, 0], out[:, 1], out[:, 2:]
+        # sync: each follower and its owner pay a replica's bytes per phase over their link (the
+        # owner's own cell is 0 here: `sync_to` has inv_beta's zero diagonal)
+        np.multiply(self.sync_to[owners], rows, out=f)
         f[k, owners] = f.sum(axis=1)
         # migration: new replicas copy from the same node if the expert is there, else from the owner
-        mig = np.where(rows, self.copy_s[es], 0.0)
+        # (`copy_s` is finite and >= 0, so times the row is `where(rows, copy_s, 0)` to the bit)
+        np.multiply(self.copy_s[es], rows, out=mig)
         mig[k, owners] += self.opt_s[self.owner0[es], owners]
         # all-to-all, routed as the estimator routes: own device, own node, then other nodes
         c = self.counts[es]
@@ -110,14 +119,13 @@ class _State:
         stay = by_node[:, ::-1] / m_node
         stay = np.take(stay, self.node, axis=2)  # not stay[..., node]: laid out column-major, slow to use
         # in place, in the order `sr * stay * cost`: few large temporaries (each costs page faults)
-        a2a = np.empty((n, 4, c.shape[1]))
         intra, inter = a2a[:, :2], a2a[:, 2:]
         np.multiply(sr, stay, out=intra)
         intra *= self.cost_intra
         np.subtract(1, stay, out=stay)
         np.multiply(sr, stay, out=inter)
         inter *= self.cost_inter
-        return f, mig, a2a
+        return out
 
     def _a2a(self, parts):
         intra = np.maximum(parts[..., 0, :], parts[..., 1, :])
@@ -128,7 +136,7 @@ class _State:
         """Per-device proxy seconds; after `apply(..., k)`, the row its trial computed (the same
         terms, summed in another order: equal up to rounding)."""
         if self.p is None:
-            self.p = self.a * self.n + self.b * self.tok + self.sync + self._a2a(self.a2a_parts)
+            self.p = self.a * self.n + self.b * self.tok + self.terms[0] + self._a2a(self.terms[2:])
         return self.p
 
     def score(self, p, mig):
@@ -143,11 +151,11 @@ class _State:
         xe, le = self.x[es], self.load[es]
         y = rows * (le / rows.sum(axis=1))[:, None]  # tokens per replica after the change
         dt = y - xe * self.q[es][:, None]
-        s, m, a2a = self._rows(es, rows, owners, y)
-        p = (self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
-             + self._a2a(self.a2a_parts[None] - self.a2a_e[es] + a2a))
-        self.last = (s, m, a2a, p)
-        return p.max(axis=1) + (self.mig - self.mig_e[es] + m).max(axis=1) / self.interval
+        t = self._rows(es, rows, owners, y)
+        total = self.terms[None] - self.terms_e[es] + t  # [k, 6, G]: each change's totals
+        p = self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + total[:, 0] + self._a2a(total[:, 2:])
+        self.last = (t, p)
+        return p.max(axis=1) + total[:, 1].max(axis=1) / self.interval
 
     def apply(self, e, row, own, k=None):
         """Make the change; `k`: its index in the last `trials`, whose rows are then reused."""
@@ -155,15 +163,13 @@ class _State:
         self.tok += row * (self.load[e] / r_new) - self.x[e] * (self.load[e] / self.r[e])
         self.n += row.astype(np.int64) - self.x[e]
         if k is not None:
-            s, m, a2a, self.p = (v[k] for v in self.last)
+            t, self.p = (v[k] for v in self.last)
         else:
-            (s,), (m,), (a2a,) = self._rows(np.array([e]), row[None, :], np.array([own]))
+            t = self._rows(np.array([e]), row[None, :], np.array([own]))[0]
             self.p = None
         self.last = None
-        self.sync += s - self.sync_e[e]
-        self.mig += m - self.mig_e[e]
-        self.a2a_parts += a2a - self.a2a_e[e]
-        self.sync_e[e], self.mig_e[e], self.a2a_e[e] = s, m, a2a
+        self.terms += t - self.terms_e[e]
+        self.terms_e[e] = t
         self.x[e], self.owner[e], self.r[e], self.q[e] = row, own, r_new, self.load[e] / r_new
 
 
