@@ -194,6 +194,15 @@ class Cluster:
         return self.node_of[:, None] != self.node_of[None, :]
 
     @cached_property
+    def class_masks(self) -> np.ndarray:
+        """[2, G, G] 1.0 where the pair is inside one node (first) or crosses nodes (second), else
+        0.0: per-pair seconds times these split by link class. Read-only."""
+        inter = self.inter_mask.astype(np.float64)
+        out = np.stack([1.0 - inter, inter])
+        out.flags.writeable = False
+        return out
+
+    @cached_property
     def cheapest_inv_beta(self) -> tuple[np.ndarray, np.ndarray]:
         """Per device, seconds per byte of its cheapest link to or from another device inside its
         node and across nodes (inf where it has none): what the bounds charge each byte. Cached:

@@ -90,12 +90,20 @@ def fold_sources(counts: np.ndarray, num_devices: int) -> np.ndarray:
     return weight.T @ counts
 
 
+def cells(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.nonzero` of a 2-D array (row and column indices in row-major order), from the flat
+    indices: the same arrays, several times faster (numpy builds 2-D ones cell by cell: ~60 against
+    ~10 us for a [256, 64] placement)."""
+    return np.divmod(np.flatnonzero(x), x.shape[1])
+
+
 def port_time(cluster: Cluster, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Send and receive seconds per device and link class for a [src, dst] bytes matrix:
-    (send_intra, recv_intra, send_inter, recv_inter)."""
+    (send_intra, recv_intra, send_inter, recv_inter). Split by class as a product with the
+    cluster's 0/1 masks: `where` to the bit (seconds are finite and >= 0), at half its cost."""
     t = nbytes * cluster.inv_beta
-    inter = cluster.inter_mask
-    t_intra, t_inter = np.where(inter, 0.0, t), np.where(inter, t, 0.0)
+    intra, inter = cluster.class_masks
+    t_intra, t_inter = t * intra, t * inter
     return t_intra.sum(axis=1), t_intra.sum(axis=0), t_inter.sum(axis=1), t_inter.sum(axis=0)
 
 
@@ -103,7 +111,7 @@ def sync_bytes(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray
     """[follower device, owner device] bytes of the gradient phase of replica sync (the weight
     phase is its transpose)."""
     x = np.asarray(x, dtype=bool)
-    e, g = np.nonzero(x)
+    e, g = cells(x)
     follower = g != owner[e]  # replicas that are not the owner
     n = x.shape[1]
     # whole counts per (follower, owner) pair: the same numbers as a one-hot matrix product, at a
@@ -177,7 +185,7 @@ def _transfers(cluster: Cluster, old_x, old_owner, new_x, new_owner):
     nodes = cluster.node_of
     old_x, new_x = np.asarray(old_x, bool), np.asarray(new_x, bool)
     old_owner, new_owner = np.asarray(old_owner), np.asarray(new_owner)
-    es, gs = np.nonzero(new_x & ~old_x)
+    es, gs = cells(new_x & ~old_x)
     # the first old holder on the new replica's node, else the old owner (vectorised)
     near = old_x[es] & (nodes[None, :] == nodes[gs][:, None])
     src = np.where(near.any(axis=1), near.argmax(axis=1), old_owner[es])
