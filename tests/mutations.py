@@ -56,9 +56,9 @@ MUTATIONS = [
              "    sh = np.where(valid, 1.0, 0.0)\n",
              ("tests/test_routing.py",), "whole-token routing splits every expert evenly over its replicas"),
     Mutation("route-ignores-shares", "cost_models/routing.py",
-             "    demand = counts.sum(axis=0)[:, None] * share\n",
-             "    demand = counts.sum(axis=0)[:, None] * (share > 0) / np.maximum((share > 0).sum(axis=1, "
-             "keepdims=True), 1)\n",
+             "    cap = counts.sum(axis=0)[:, None] * share  # the demand",
+             "    cap = counts.sum(axis=0)[:, None] * (share > 0) / np.maximum((share > 0).sum(axis=1, "
+             "keepdims=True), 1)  # the demand",
              ("tests/test_routing.py", "tests/test_estimator.py"),
              "the estimator's fractional routing splits every expert evenly"),
     Mutation("estimator-drops-sync", "cost_models/estimator.py",
