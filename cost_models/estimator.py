@@ -97,6 +97,14 @@ def cells(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(np.flatnonzero(x), x.shape[1])
 
 
+def node_replicas(cluster: Cluster, x: np.ndarray) -> np.ndarray:
+    """[E, K] how many replicas of each expert each node holds (`x @ cluster.node_onehot`, whole
+    numbers, so the same values), counted over the replicas: no [E, G] float copy of `x`."""
+    e, g = cells(x)
+    k = cluster.num_nodes
+    return np.bincount(e * k + cluster.node_index[g], minlength=x.shape[0] * k).reshape(x.shape[0], k)
+
+
 def port_time(cluster: Cluster, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Send and receive seconds per device and link class for a [src, dst] bytes matrix:
     (send_intra, recv_intra, send_inter, recv_inter). Split by class as a product with the

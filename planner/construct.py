@@ -80,9 +80,10 @@ def mcnaughton(cluster: Cluster, load: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """The best wrap-around plan over a few light-item counts per device (0, 1, half and all but
     one of the slots): (x[e, g], share[e, g])."""
     load_arr = np.asarray(load, dtype=np.float64)
-    x, y = wrap_tokens(load_arr, cluster.compute_a, cluster.compute_b, cluster.slots)
-    share = np.where(load_arr[:, None] > 0, y / np.maximum(load_arr[:, None], 1e-300),
-                     x / np.maximum(x.sum(axis=1, keepdims=True), 1))
+    x, share = wrap_tokens(load_arr, cluster.compute_a, cluster.compute_b, cluster.slots)
+    share /= np.maximum(load_arr[:, None], 1e-300)  # tokens to shares, in place (fresh [E, G] arrays page fault)
+    idle = np.flatnonzero(load_arr <= 0)  # experts without tokens: even shares over their replicas
+    share[idle] = x[idle] / np.maximum(x[idle].sum(axis=1, keepdims=True), 1)
     return x, share
 
 

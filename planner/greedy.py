@@ -20,7 +20,8 @@ import heapq
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, SYNC_PHASES, compute_makespan, estimate, sync_seconds
+from cost_models.estimator import (A2A_PHASES, SYNC_PHASES, cells, compute_makespan, estimate, node_replicas,
+                                   sync_seconds)
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
 from planner.score import clean_shares, even_shares, floor_terms, migration_s, pick_owner, step_floor, verdict
@@ -62,13 +63,16 @@ class _State:
         self.cost_inter = tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
         self.r = self.x.sum(axis=1)
         self.q = load / self.r  # tokens per replica
-        self.tok = (self.x * self.q[:, None]).sum(axis=0)
+        e, g = cells(self.x)
+        # each device's tokens: the sum over its experts in expert order, as `(x * q).sum(axis=0)`
+        # adds them (bincount adds in the order given), without an [E, G] temporary
+        self.tok = np.bincount(g, self.q[e], self.x.shape[1])
         self.n = self.x.sum(axis=0)
         self.last = self.p = None
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
         self.sync_to = SYNC_PHASES * self.P * self.invb.T
-        near = np.take(x0 @ self.onehot, self.node, axis=1) > 0
+        near = np.take(node_replicas(cluster, x0) > 0, self.node, axis=1)  # the expert is on g's node
         copy_s = self.invb[owner0]  # in place from here: [E, G] temporaries cost page faults
         np.copyto(copy_s, self.inv_intra, where=near)
         copy_s *= self.P
@@ -281,7 +285,7 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
     x0, owner0 = start.replicas(), start.owner.copy()
     ref_x = current.replicas() if current is not None else x0
     ref_owner = current.owner if current is not None else owner0
-    st = _State(cluster, counts.astype(np.float64), x0, owner0, ref_x, ref_owner, interval)
+    st = _State(cluster, np.asarray(counts, dtype=np.float64), x0, owner0, ref_x, ref_owner, interval)
     max_moves = max_moves or num_experts + cluster.num_devices
     moves = 0
     best = st.score(st.times(), st.mig)

@@ -12,7 +12,8 @@ from typing import NamedTuple
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, Breakdown, estimate, fold_sources, lower_bound, migration_seconds
+from cost_models.estimator import (A2A_PHASES, Breakdown, estimate, fold_sources, lower_bound, migration_seconds,
+                                   node_replicas)
 from cost_models.files import InputError
 from cost_models.routing import class_traffic
 from planner import bounds
@@ -114,9 +115,13 @@ def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: Laye
     if current is not None:
         keep = x[np.arange(x.shape[0]), current.owner]
         owner[keep], todo = current.owner[keep], ~keep
-    same = np.take(x @ cluster.node_onehot, cluster.node_index, axis=1)  # replicas of each expert on each device's node
-    key = np.where(x, same * 10.0 + share, -np.inf)
-    owner[todo] = np.argmax(key[todo], axis=1)
+    rows = np.flatnonzero(todo)  # only these: with a current plan, most experts keep their owner
+    if len(rows):
+        xt = x[rows]
+        same = np.take(node_replicas(cluster, xt), cluster.node_index, axis=1)  # replicas on each device's node
+        key = same * 10.0 + np.asarray(share)[rows]
+        key[~xt] = -np.inf
+        owner[rows] = np.argmax(key, axis=1)
     return owner
 
 
@@ -130,10 +135,12 @@ def clean_shares(x: np.ndarray, share: np.ndarray) -> np.ndarray:
     """Shares on replicas only, non-negative, summing to exactly 1 per expert (even if all zero)."""
     x = np.asarray(x, bool)
     share = np.asarray(share, dtype=np.float64)
-    s = np.where(x, np.clip(share if np.isfinite(share).all() else np.nan_to_num(share), 0.0, None), 0.0)
+    s = np.clip(share if np.isfinite(share).all() else np.nan_to_num(share), 0.0, None)  # a new array
+    s *= x  # off replicas 0: `where(x, s, 0)` to the bit (s is finite and >= 0); in place, as below
     tot = s.sum(axis=1, keepdims=True)
     if (tot > EPS).all():  # the usual case: no expert needs even shares
-        return s / tot
+        s /= tot
+        return s
     return np.where(tot > EPS, s / np.maximum(tot, EPS), even_shares(x))
 
 
