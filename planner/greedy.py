@@ -132,9 +132,10 @@ class _State:
         return out
 
     def _a2a(self, parts):
-        intra = np.maximum(parts[..., 0, :], parts[..., 1, :])
-        inter = np.maximum(parts[..., 2, :], parts[..., 3, :])
-        return A2A_PHASES * (intra + inter) + self.lat
+        """All-to-all seconds per device from its four parts: per link class the larger of send and
+        receive (both classes in one call), over the phases, plus latency."""
+        port = np.maximum(parts[..., 0::2, :], parts[..., 1::2, :])  # (intra, inter)
+        return A2A_PHASES * (port[..., 0, :] + port[..., 1, :]) + self.lat
 
     def times(self):
         """Per-device proxy seconds; after `apply(..., k)`, the row its trial computed (the same
