@@ -190,17 +190,28 @@ def migration_transfers(cluster: Cluster, old_x: np.ndarray, old_owner: np.ndarr
 
 def _transfers(cluster: Cluster, old_x, old_owner, new_x, new_owner):
     """`migration_transfers` as arrays (expert, src, dst, is-weights), in the same order."""
-    nodes = cluster.node_of
     old_x, new_x = np.asarray(old_x, bool), np.asarray(new_x, bool)
     old_owner, new_owner = np.asarray(old_owner), np.asarray(new_owner)
     es, gs = cells(new_x & ~old_x)
-    # the first old holder on the new replica's node, else the old owner (vectorised)
-    near = old_x[es] & (nodes[None, :] == nodes[gs][:, None])
-    src = np.where(near.any(axis=1), near.argmax(axis=1), old_owner[es])
+    # the first old holder on the new replica's node, else the old owner
+    first = _first_on_node(cluster, old_x)
+    src = first[es, cluster.node_index[gs]]
+    src = np.where(src >= 0, src, old_owner[es])
     moved = np.flatnonzero(new_owner != old_owner)
     return (np.concatenate([es, moved]), np.concatenate([src, old_owner[moved]]).astype(np.int64),
             np.concatenate([gs, new_owner[moved]]).astype(np.int64),
             np.arange(len(es) + len(moved)) < len(es))
+
+
+def _first_on_node(cluster: Cluster, x: np.ndarray) -> np.ndarray:
+    """[E, K] the lowest device of each node holding a replica of each expert, -1 where none: from
+    the replicas (O(replicas)), not an [transfers, G] comparison."""
+    e, g = cells(x)
+    k = cluster.num_nodes
+    first = np.full(x.shape[0] * k, x.shape[1])
+    np.minimum.at(first, e * k + cluster.node_index[g], g)
+    first[first == x.shape[1]] = -1
+    return first.reshape(x.shape[0], k)
 
 
 def migration_time(cluster: Cluster, transfers: list[tuple[int, int, int, str, int]]) -> float:
