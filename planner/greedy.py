@@ -284,8 +284,7 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
     num_experts = len(load)
     start = current if current is not None else static_layer(num_experts, cluster.slots)
     x0, owner0 = start.replicas(), start.owner.copy()
-    ref_x = current.replicas() if current is not None else x0
-    ref_owner = current.owner if current is not None else owner0
+    ref_x, ref_owner = x0, current.owner if current is not None else owner0  # the start is the current plan
     st = _State(cluster, np.asarray(counts, dtype=np.float64), x0, owner0, ref_x, ref_owner, interval)
     max_moves = max_moves or num_experts + cluster.num_devices
     moves = 0

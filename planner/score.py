@@ -119,8 +119,9 @@ def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: Laye
     if len(rows):
         xt = x[rows]
         same = np.take(node_replicas(cluster, xt), cluster.node_index, axis=1)  # replicas on each device's node
-        key = same * 10.0 + np.asarray(share)[rows]
-        key[~xt] = -np.inf
+        key = same * 10.0
+        key += np.asarray(share)[rows]
+        np.copyto(key, -np.inf, where=~xt)
         owner[rows] = np.argmax(key, axis=1)
     return owner
 
