@@ -81,7 +81,7 @@ class _State:
         # moving the optimizer state, [from, to]: 0 on the diagonal (inv_beta's), so adding it for
         # every candidate's owner changes only the moved ones
         self.opt_s = cluster.expert.optimizer_bytes * self.invb
-        self.terms_e = self._rows(slice(None), self.x, self.owner)  # [E, 6, G]
+        self.terms_e = self._rows(slice(None), self.x, self.owner, self.x * self.q[:, None])  # [E, 6, G]
         self.terms = self.terms_e.sum(axis=0)  # [6, G], all experts
 
     # the totals by kind: views into `terms`, so they follow its updates

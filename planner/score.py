@@ -127,9 +127,10 @@ def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: Laye
 
 
 def even_shares(x: np.ndarray) -> np.ndarray:
+    """1 / replicas on each replica, 0 elsewhere (a product: `where`'s numbers at half its cost)."""
     x = np.asarray(x, bool)
     r = x.sum(axis=1, keepdims=True)
-    return np.where(x, 1.0 / np.maximum(r, 1), 0.0)
+    return x * (1.0 / np.maximum(r, 1))
 
 
 def clean_shares(x: np.ndarray, share: np.ndarray) -> np.ndarray:
