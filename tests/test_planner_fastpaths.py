@@ -2,6 +2,7 @@
 pinned here to that plain form (written out in the test) on random inputs, so a speed-up that
 changes a plan or a reported number fails."""
 
+from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,38 +29,32 @@ def _bits(a):
 
 
 def _reference_wrap(load, order, a, b, slots, target, light):
-    """`construct._wrap` as it was written before (experts through an index list, pieces always kept)."""
-    rem = list(load)
+    """`construct._wrap` written plainly: a queue of (expert, tokens left), heaviest first; each
+    device takes up to `light` whole items off the light end, then items off the heavy end,
+    splitting the one that crosses the target. The pieces, or None when items are left over."""
+    items = deque([e, load[e]] for e in order)
     pieces = []
-    lo, hi = 0, len(order) - 1
     for g, k in enumerate(slots):
-        cap, ag, bg = target, a[g], b[g]
-        for _ in range(min(light, k - 1)):
-            if hi <= lo:
+        cap, taken = target, 0
+        while taken < min(light, k - 1) and len(items) > 1 and a[g] + b[g] * items[-1][1] <= cap:
+            e, t = items.pop()
+            pieces.append((e, g, t))
+            cap -= a[g] + b[g] * t
+            taken += 1
+        for _ in range(k - taken):
+            if not items:
                 break
-            e = order[hi]
-            cost = ag + bg * rem[e]
-            if cost > cap:
-                break
-            pieces.append((e, g, rem[e]))
-            cap -= cost
-            k -= 1
-            hi -= 1
-        while k > 0 and lo <= hi:
-            e = order[lo]
-            cost = ag + bg * rem[e]
-            if cost <= cap + 1e-15:
-                pieces.append((e, g, rem[e]))
-                cap -= cost
-                k -= 1
-                lo += 1
-            else:
-                part = (cap - ag) / bg
+            e, t = items[0]
+            if a[g] + b[g] * t > cap + 1e-15:
+                part = (cap - a[g]) / b[g]
                 if part > 0:
                     pieces.append((e, g, part))
-                    rem[e] -= part
+                    items[0][1] = t - part
                 break
-    return pieces if lo > hi else None
+            items.popleft()
+            pieces.append((e, g, t))
+            cap -= a[g] + b[g] * t
+    return None if items else pieces
 
 
 def _reference_wrap_tokens(load_arr, a, b, slots):
