@@ -274,12 +274,20 @@ def _expand_into_shrink(st: _State, best, width: int = 3):
 def greedy(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, interval: int = 50,
            threshold: float = BALANCE_THRESHOLD, max_moves: int | None = None):
     """(x, share, owner, info): the policy maker's plan, judged by the estimator at the end."""
-    return greedy_judged(cluster, counts, current, interval=interval, threshold=threshold, max_moves=max_moves)[:4]
+    return _plan(cluster, counts, current, interval, threshold, max_moves)[:4]
 
 
 def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, interval: int = 50,
                   threshold: float = BALANCE_THRESHOLD, max_moves: int | None = None):
-    """`greedy`'s (x, share, owner, info) and the estimator's `score.Verdict` on that plan."""
+    """`greedy`'s (x, share, owner, info) and the estimator's `score.Verdict` on that plan, with the
+    verdict's own (cleaned) shares, so that `score.finish` need not clean them again."""
+    x, _, owner, info, v = _plan(cluster, counts, current, interval, threshold, max_moves)
+    return x, v.share, owner, info, v
+
+
+def _plan(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None, interval: int, threshold: float,
+          max_moves: int | None):
+    """(x, share as the winning candidate gave it, owner, info, the winner's `score.Verdict`)."""
     load = counts.sum(axis=0).astype(np.float64)
     num_experts = len(load)
     start = current if current is not None else static_layer(num_experts, cluster.slots)
@@ -326,9 +334,8 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
             base = estimate(cluster, counts, hx, hs).total  # seconds without sync
             cands.append((name + "/owners", hx, hs, spread_owners(cluster, hx, base, own)))
     i, objs, best = judge(cluster, counts, cands, current, interval)
-    name, x, _, owner = cands[i]
-    # the verdict's (cleaned) shares: what the plan reports, so `score.finish` need not clean them again
-    return x, best.share, owner, {"solver": "greedy", "status": "heuristic", "moves_tried": moves, "picked": name,
+    name, x, share, owner = cands[i]
+    return x, share, owner, {"solver": "greedy", "status": "heuristic", "moves_tried": moves, "picked": name,
                              "candidates": objs}, best
 
 

@@ -114,8 +114,9 @@ MUTATIONS = [
              "    if (phy2log >= num_experts).any():\n",
              ("tests/test_plan.py",), "EPLB mapping accepts ids below -1 (the empty slot)"),
     Mutation("greedy-returns-its-start", "planner/greedy.py",  # cands[0] is the start (static) placement
-             "    name, x, _, owner = cands[i]\n",
-             "    name, x, _, owner = cands[0]\n    best = best._replace(share=cands[0][2])\n",
+             "    name, x, share, owner = cands[i]\n",
+             "    name, x, share, owner = cands[0]\n"
+             "    best = verdict(cluster, counts, x, clean_shares(x, share), owner, current, interval)\n",
              ("tests/test_planner_solve.py",), "greedy returns its input (static) placement"),
     Mutation("ilp-returns-its-hint", "planner/ilp.py",
              "            info.update(returned=\"ilp\")\n",
