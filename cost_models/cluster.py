@@ -193,6 +193,28 @@ class Cluster:
         """[G, G] True where the pair crosses nodes."""
         return self.node_of[:, None] != self.node_of[None, :]
 
+    @cached_property
+    def class_masks(self) -> np.ndarray:
+        """[2, G, G] 1.0 where the pair is inside one node (first) or crosses nodes (second), else
+        0.0: per-pair seconds times these split by link class. Read-only."""
+        inter = self.inter_mask.astype(np.float64)
+        out = np.stack([1.0 - inter, inter])
+        out.flags.writeable = False
+        return out
+
+    @cached_property
+    def cheapest_inv_beta(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per device, seconds per byte of its cheapest link to or from another device inside its
+        node and across nodes (inf where it has none): what the bounds charge each byte. Cached:
+        judges and bounds ask for it on every plan, and it scans the [G, G] matrix. Read-only."""
+        invb = np.minimum(self.inv_beta, self.inv_beta.T)
+        inter = self.inter_mask
+        intra = ~inter & ~np.eye(self.num_devices, dtype=bool)
+        out = np.where(intra, invb, np.inf).min(axis=1), np.where(inter, invb, np.inf).min(axis=1)
+        for a in out:
+            a.flags.writeable = False
+        return out
+
     def _matrix(self, value) -> np.ndarray:
         n = self.num_devices
         out = np.zeros((n, n))

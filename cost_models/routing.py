@@ -189,15 +189,19 @@ def _route_multi(c, dev, valid, share, nodes, whole):
 
 def _local_first(counts, share):
     """Stage 1 of the fractional rule: (`local[e, g]` kept on the own replica, `rest[e, g]` still to
-    send, `cap[e, g]` still to take, `demand[e, g]` served). The counts are laid out `[E, G]` once:
-    numpy is several times slower on arrays of mixed layouts."""
+    send, `cap[e, g]` still to take, `served[g]` the tokens each device's replicas serve). The
+    counts are laid out `[E, G]` once (numpy is several times slower on arrays of mixed layouts),
+    in a copy that becomes `rest`, and the demand becomes `cap`, in place: each fresh [E, G] array
+    costs page faults."""
     counts = np.asarray(counts, dtype=np.float64)
-    c = np.ascontiguousarray(counts.T)  # [E, G]
+    rest = np.array(counts.T, order="C")  # [E, G], always a copy: changed in place below
     share = np.asarray(share, dtype=np.float64)
-    demand = counts.sum(axis=0)[:, None] * share
-    local = np.minimum(c, demand)
-    rest = c - local
-    return local, rest, demand - local, demand
+    cap = counts.sum(axis=0)[:, None] * share  # the demand, until stage 1 takes the local part
+    served = cap.sum(axis=0)
+    local = np.minimum(rest, cap)
+    rest -= local
+    cap -= local
+    return local, rest, cap, served
 
 
 def _in_node(rest, cap, node):
@@ -230,7 +234,7 @@ def route(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None
         same = node[:, None] == node[None, :]
         # np.take, not [:, node]: that result is laid out column-major, slow in what follows
         tmp = np.take(inv, node, axis=1, out=tmp, mode="clip")
-        remote = ((tmp * rest).T @ cap) * same
+        remote = (np.multiply(tmp, rest, out=tmp).T @ cap) * same
         rest *= np.take((m_node - c_node) * inv, node, axis=1, out=tmp, mode="clip")  # the node could not absorb
         cap *= np.take((m_node - r_node) * inv, node, axis=1, out=tmp, mode="clip")  # its replicas still take
     else:
@@ -249,7 +253,7 @@ def class_traffic(counts: np.ndarray, share: np.ndarray, node: np.ndarray | None
     capacity left after it, stage 3 always does (with `nodes` None, one node: all of it is intra).
     No device sends to itself (per expert a device has either rest or capacity after stage 1).
     `node`: each device's node numbered 0..K-1 (`Cluster.node_index`; None: one node)."""
-    _, rest, cap, demand = _local_first(counts, share)
+    _, rest, cap, served = _local_first(counts, share)
     out = np.empty((4, rest.shape[1]))
     out[0], out[1] = rest.sum(axis=0), cap.sum(axis=0)
     if node is None:
@@ -261,7 +265,7 @@ def class_traffic(counts: np.ndarray, share: np.ndarray, node: np.ndarray | None
         out[2] = (rest.T @ ((m_node - c_node) * inv))[g, node]
         out[3] = (cap.T @ ((m_node - r_node) * inv))[g, node]
         out[:2] -= out[2:]
-    return demand.sum(axis=0), out
+    return served, out
 
 
 def route_tokens(counts: np.ndarray, share: np.ndarray, nodes: np.ndarray | None = None) -> np.ndarray:

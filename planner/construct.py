@@ -31,52 +31,59 @@ def inter_sync_s(cluster: Cluster) -> float:
     return SYNC_PHASES * cluster.expert.param_bytes / cluster.links["inter"].beta if "inter" in cluster.links else 0.0
 
 
-def _wrap(load, order, a, b, slots, target, light):
+def _wrap(load, a, b, slots, target, light, pieces: list | None = None) -> bool:
     """Fill devices in turn up to `target` seconds: first up to `light` whole items from the light
-    end of `order`, then items from the heavy end, splitting the one that crosses the target onto
-    the next device (McNaughton's wrap-around). Pieces [(expert, device, tokens)] or None when the
-    slots run out first. Plain Python lists: this runs inside a binary search."""
-    rem = list(load)  # by expert
-    pieces = []
-    put = pieces.append
-    lo, hi = 0, len(order) - 1  # heavy end at lo, light end at hi
-    for g, k in enumerate(slots):
+    end of `load` (items heaviest first), then items from the heavy end, splitting the one that
+    crosses the target onto the next device (McNaughton's wrap-around). True when every item fits
+    before the slots run out; the pieces (item's position in `load`, device, tokens) are appended
+    to `pieces` if given: the binary search only asks whether a target fits, then the best target
+    is filled once more for its pieces. Plain Python lists and locals: this runs inside a binary
+    search (items by position, not through an index list: a third faster)."""
+    rem = load[:]
+    keep = pieces is not None
+    lo, hi = 0, len(rem) - 1  # heavy end at lo, light end at hi
+    g = 0
+    for k in slots:
         cap, ag, bg = target, a[g], b[g]
-        for _ in range(min(light, k - 1)):
-            if hi <= lo:
-                break
-            e = order[hi]
-            cost = ag + bg * rem[e]
+        light_left = light if light < k - 1 else k - 1
+        while light_left > 0 and hi > lo:
+            cost = ag + bg * rem[hi]
             if cost > cap:
                 break
-            put((e, g, rem[e]))
+            if keep:
+                pieces.append((hi, g, rem[hi]))
             cap -= cost
             k -= 1
+            light_left -= 1
             hi -= 1
         while k > 0 and lo <= hi:
-            e = order[lo]
-            cost = ag + bg * rem[e]
+            r = rem[lo]
+            cost = ag + bg * r
             if cost <= cap + 1e-15:
-                put((e, g, rem[e]))
+                if keep:
+                    pieces.append((lo, g, r))
                 cap -= cost
                 k -= 1
                 lo += 1
             else:
                 part = (cap - ag) / bg
                 if part > 0:
-                    put((e, g, part))
-                    rem[e] -= part
+                    if keep:
+                        pieces.append((lo, g, part))
+                    rem[lo] = r - part
                 break
-    return pieces if lo > hi else None
+        g += 1
+    return lo > hi
 
 
 def mcnaughton(cluster: Cluster, load: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The best wrap-around plan over a few light-item counts per device (0, 1, half and all but
     one of the slots): (x[e, g], share[e, g])."""
     load_arr = np.asarray(load, dtype=np.float64)
-    x, y = wrap_tokens(load_arr, cluster.compute_a, cluster.compute_b, cluster.slots)
-    share = np.where(load_arr[:, None] > 0, y / np.maximum(load_arr[:, None], 1e-300),
-                     x / np.maximum(x.sum(axis=1, keepdims=True), 1))
+    x, share = wrap_tokens(load_arr, cluster.compute_a, cluster.compute_b, cluster.slots)
+    share /= np.maximum(load_arr[:, None], 1e-300)  # tokens to shares, in place (fresh [E, G] arrays page fault)
+    idle = np.flatnonzero(load_arr <= 0)  # experts without tokens: even shares over their replicas
+    share[idle] = x[idle] / np.maximum(x[idle].sum(axis=1, keepdims=True), 1)
     return x, share
 
 
@@ -86,43 +93,39 @@ def wrap_tokens(load_arr: np.ndarray, a: np.ndarray, b: np.ndarray, slots: np.nd
     `lights`: light-item counts to try (default 0, 1, half and all but one of the slots)."""
     # Python floats, not numpy scalars, in the search: the same IEEE arithmetic, several times faster
     lb = float(max((load_arr.sum() + len(load_arr) * (a / b).min()) / (1.0 / b).sum(), 1e-12))
-    order = np.argsort(-load_arr, kind="stable").tolist()
-    load, a, b, slots = load_arr.tolist(), np.asarray(a).tolist(), np.asarray(b).tolist(), np.asarray(slots).tolist()
-    best = None
+    order = np.argsort(-load_arr, kind="stable")
+    load, a, b, slots = load_arr[order].tolist(), np.asarray(a).tolist(), np.asarray(b).tolist(), np.asarray(slots).tolist()
+    best = None  # (target, light) of the best fit found
     k = int(max(slots))
     # most light items first (usually the best), and a light count that cannot beat the best
     # target so far, less the search's tolerance, is dropped after that one trial
     for light in sorted(set(lights if lights is not None else {0, 1, k // 2, k - 1}) & set(range(k)), reverse=True):
-        if best is not None:
-            hi = best[0] * (1 - SEARCH_TOLERANCE)
-            found = _wrap(load, order, a, b, slots, hi, light)
-            if found is None:
-                continue
-        else:
-            hi = lb
-            found = _wrap(load, order, a, b, slots, hi, light)
-        while found is None and hi < 1e6 * (lb + 1.0):
+        hi = lb if best is None else best[0] * (1 - SEARCH_TOLERANCE)
+        fits = _wrap(load, a, b, slots, hi, light)
+        while not fits and best is None and hi < 1e6 * (lb + 1.0):  # the first light count: up to a fit
             hi *= 2.0
-            found = _wrap(load, order, a, b, slots, hi, light)
-        if found is None:
+            fits = _wrap(load, a, b, slots, hi, light)
+        if not fits:
             continue
         lo = lb * 0.999
         for _ in range(SEARCH_STEPS):
             if hi - lo <= SEARCH_TOLERANCE * hi:
                 break
             mid = 0.5 * (lo + hi)
-            trial = _wrap(load, order, a, b, slots, mid, light)
-            if trial is None:
-                lo = mid
+            if _wrap(load, a, b, slots, mid, light):
+                hi = mid
             else:
-                hi, found = mid, trial
+                lo = mid
         if best is None or hi < best[0]:
-            best = (hi, found)
+            best = (hi, light)
+    pieces = []
+    _wrap(load, a, b, slots, best[0], best[1], pieces)
     x = np.zeros((len(load), len(slots)), dtype=bool)
     y = np.zeros(x.shape)
-    for e, g, t in best[1]:
-        x[e, g] = True
-        y[e, g] += t
+    pos, gs, ts = zip(*pieces)  # each (item, device) at most once: a device takes an item once
+    es = order[list(pos)]
+    x[es, gs] = True
+    y[es, gs] = ts
     return x, y
 
 

@@ -20,7 +20,8 @@ import heapq
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, SYNC_PHASES, compute_makespan, estimate, sync_seconds
+from cost_models.estimator import (A2A_PHASES, SYNC_PHASES, cells, compute_makespan, estimate, node_replicas,
+                                   sync_seconds)
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
 from planner.score import clean_shares, even_shares, floor_terms, migration_s, pick_owner, step_floor, verdict
@@ -39,7 +40,10 @@ TINY = np.finfo(np.float64).tiny
 
 
 class _State:
-    """Placement with even shares and the per-device proxy terms, updated move by move."""
+    """Placement with even shares and the per-device proxy terms, updated move by move. The terms
+    of each expert are one `[6, G]` block (sync, migration, then the all-to-all's send intra,
+    receive intra, send inter, receive inter seconds), so a trial or a move adds and removes an
+    expert's terms in one numpy call, not three."""
 
     def __init__(self, cluster: Cluster, counts, x, owner, x0, owner0, interval):
         load = counts.sum(axis=0)
@@ -50,7 +54,6 @@ class _State:
         self.a, self.b = cluster.compute_a, cluster.compute_b
         self.P = cluster.expert.param_bytes
         self.invb = cluster.inv_beta
-        self.same_node = ~cluster.inter_mask
         self.node, self.num_nodes = cluster.node_index, cluster.num_nodes
         self.onehot = cluster.node_onehot  # [G, nodes]
         tb = cluster.expert.token_bytes
@@ -60,13 +63,16 @@ class _State:
         self.cost_inter = tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
         self.r = self.x.sum(axis=1)
         self.q = load / self.r  # tokens per replica
-        self.tok = (self.x * self.q[:, None]).sum(axis=0)
+        e, g = cells(self.x)
+        # each device's tokens: the sum over its experts in expert order, as `(x * q).sum(axis=0)`
+        # adds them (bincount adds in the order given), without an [E, G] temporary
+        self.tok = np.bincount(g, self.q[e], self.x.shape[1])
         self.n = self.x.sum(axis=0)
         self.last = self.p = None
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
         self.sync_to = SYNC_PHASES * self.P * self.invb.T
-        near = np.take(x0 @ self.onehot, self.node, axis=1) > 0
+        near = np.take(node_replicas(cluster, x0) > 0, self.node, axis=1)  # the expert is on g's node
         copy_s = self.invb[owner0]  # in place from here: [E, G] temporaries cost page faults
         np.copyto(copy_s, self.inv_intra, where=near)
         copy_s *= self.P
@@ -75,12 +81,17 @@ class _State:
         # moving the optimizer state, [from, to]: 0 on the diagonal (inv_beta's), so adding it for
         # every candidate's owner changes only the moved ones
         self.opt_s = cluster.expert.optimizer_bytes * self.invb
-        self.sync_e, self.mig_e, self.a2a_e = self._rows(slice(None), self.x, self.owner)  # [E, G], [E, G], [E, 4, G]
-        self.sync, self.mig, self.a2a_parts = self.sync_e.sum(0), self.mig_e.sum(0), self.a2a_e.sum(0)
+        self.terms_e = self._rows(slice(None), self.x, self.owner, self.x * self.q[:, None])  # [E, 6, G]
+        self.terms = self.terms_e.sum(axis=0)  # [6, G], all experts
+
+    # the totals by kind: views into `terms`, so they follow its updates
+    sync = property(lambda self: self.terms[0])
+    mig = property(lambda self: self.terms[1])
+    a2a_parts = property(lambda self: self.terms[2:])
 
     def _rows(self, es, rows, owners, y=None):
-        """Per-device proxy terms of experts `es` (indices, or a slice: views, no copies) placed as
-        `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds, and
+        """Per-device proxy terms `[k, 6, G]` of experts `es` (indices, or a slice: views, no copies)
+        placed as `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds, and
         all-to-all (send intra, recv intra, send inter, recv inter) seconds under even shares,
         routed by the estimator's hierarchical rule (exact for the all-to-all when each link class
         has one bandwidth). `y`: the rows' tokens per replica, if the caller has them."""
@@ -89,13 +100,15 @@ class _State:
         rows = np.asarray(rows, bool)
         if y is None:
             y = rows * (self.load[es] / np.maximum(rows.sum(axis=1), 1))[:, None]
-        # sync: each follower and its owner pay a replica's bytes per phase over their link
-        f = self.sync_to[owners]
-        f *= rows
-        f[k, owners] = 0.0
+        out = np.empty((n, 6, rows.shape[1]))
+        f, mig, a2a = out[:, 0], out[:, 1], out[:, 2:]
+        # sync: each follower and its owner pay a replica's bytes per phase over their link (the
+        # owner's own cell is 0 here: `sync_to` has inv_beta's zero diagonal)
+        np.multiply(self.sync_to[owners], rows, out=f)
         f[k, owners] = f.sum(axis=1)
         # migration: new replicas copy from the same node if the expert is there, else from the owner
-        mig = np.where(rows, self.copy_s[es], 0.0)
+        # (`copy_s` is finite and >= 0, so times the row is `where(rows, copy_s, 0)` to the bit)
+        np.multiply(self.copy_s[es], rows, out=mig)
         mig[k, owners] += self.opt_s[self.owner0[es], owners]
         # all-to-all, routed as the estimator routes: own device, own node, then other nodes
         c = self.counts[es]
@@ -110,25 +123,25 @@ class _State:
         stay = by_node[:, ::-1] / m_node
         stay = np.take(stay, self.node, axis=2)  # not stay[..., node]: laid out column-major, slow to use
         # in place, in the order `sr * stay * cost`: few large temporaries (each costs page faults)
-        a2a = np.empty((n, 4, c.shape[1]))
         intra, inter = a2a[:, :2], a2a[:, 2:]
         np.multiply(sr, stay, out=intra)
         intra *= self.cost_intra
         np.subtract(1, stay, out=stay)
         np.multiply(sr, stay, out=inter)
         inter *= self.cost_inter
-        return f, mig, a2a
+        return out
 
     def _a2a(self, parts):
-        intra = np.maximum(parts[..., 0, :], parts[..., 1, :])
-        inter = np.maximum(parts[..., 2, :], parts[..., 3, :])
-        return A2A_PHASES * (intra + inter) + self.lat
+        """All-to-all seconds per device from its four parts: per link class the larger of send and
+        receive (both classes in one call), over the phases, plus latency."""
+        port = np.maximum(parts[..., 0::2, :], parts[..., 1::2, :])  # (intra, inter)
+        return A2A_PHASES * (port[..., 0, :] + port[..., 1, :]) + self.lat
 
     def times(self):
         """Per-device proxy seconds; after `apply(..., k)`, the row its trial computed (the same
         terms, summed in another order: equal up to rounding)."""
         if self.p is None:
-            self.p = self.a * self.n + self.b * self.tok + self.sync + self._a2a(self.a2a_parts)
+            self.p = self.a * self.n + self.b * self.tok + self.terms[0] + self._a2a(self.terms[2:])
         return self.p
 
     def score(self, p, mig):
@@ -143,11 +156,11 @@ class _State:
         xe, le = self.x[es], self.load[es]
         y = rows * (le / rows.sum(axis=1))[:, None]  # tokens per replica after the change
         dt = y - xe * self.q[es][:, None]
-        s, m, a2a = self._rows(es, rows, owners, y)
-        p = (self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + self.sync - self.sync_e[es] + s
-             + self._a2a(self.a2a_parts[None] - self.a2a_e[es] + a2a))
-        self.last = (s, m, a2a, p)
-        return p.max(axis=1) + (self.mig - self.mig_e[es] + m).max(axis=1) / self.interval
+        t = self._rows(es, rows, owners, y)
+        total = self.terms[None] - self.terms_e[es] + t  # [k, 6, G]: each change's totals
+        p = self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + total[:, 0] + self._a2a(total[:, 2:])
+        self.last = (t, p)
+        return p.max(axis=1) + total[:, 1].max(axis=1) / self.interval
 
     def apply(self, e, row, own, k=None):
         """Make the change; `k`: its index in the last `trials`, whose rows are then reused."""
@@ -155,15 +168,13 @@ class _State:
         self.tok += row * (self.load[e] / r_new) - self.x[e] * (self.load[e] / self.r[e])
         self.n += row.astype(np.int64) - self.x[e]
         if k is not None:
-            s, m, a2a, self.p = (v[k] for v in self.last)
+            t, self.p = (v[k] for v in self.last)
         else:
-            (s,), (m,), (a2a,) = self._rows(np.array([e]), row[None, :], np.array([own]))
+            t = self._rows(np.array([e]), row[None, :], np.array([own]))[0]
             self.p = None
         self.last = None
-        self.sync += s - self.sync_e[e]
-        self.mig += m - self.mig_e[e]
-        self.a2a_parts += a2a - self.a2a_e[e]
-        self.sync_e[e], self.mig_e[e], self.a2a_e[e] = s, m, a2a
+        self.terms += t - self.terms_e[e]
+        self.terms_e[e] = t
         self.x[e], self.owner[e], self.r[e], self.q[e] = row, own, r_new, self.load[e] / r_new
 
 
@@ -263,24 +274,31 @@ def _expand_into_shrink(st: _State, best, width: int = 3):
 def greedy(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, interval: int = 50,
            threshold: float = BALANCE_THRESHOLD, max_moves: int | None = None):
     """(x, share, owner, info): the policy maker's plan, judged by the estimator at the end."""
-    return greedy_judged(cluster, counts, current, interval=interval, threshold=threshold, max_moves=max_moves)[:4]
+    return _plan(cluster, counts, current, interval, threshold, max_moves)[:4]
 
 
 def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, *, interval: int = 50,
                   threshold: float = BALANCE_THRESHOLD, max_moves: int | None = None):
-    """`greedy`'s (x, share, owner, info) and the estimator's `score.Verdict` on that plan."""
+    """`greedy`'s (x, share, owner, info) and the estimator's `score.Verdict` on that plan, with the
+    verdict's own (cleaned) shares, so that `score.finish` need not clean them again."""
+    x, _, owner, info, v = _plan(cluster, counts, current, interval, threshold, max_moves)
+    return x, v.share, owner, info, v
+
+
+def _plan(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None, interval: int, threshold: float,
+          max_moves: int | None):
+    """(x, share as the winning candidate gave it, owner, info, the winner's `score.Verdict`)."""
     load = counts.sum(axis=0).astype(np.float64)
     num_experts = len(load)
     start = current if current is not None else static_layer(num_experts, cluster.slots)
     x0, owner0 = start.replicas(), start.owner.copy()
-    ref_x = current.replicas() if current is not None else x0
-    ref_owner = current.owner if current is not None else owner0
-    st = _State(cluster, counts.astype(np.float64), x0, owner0, ref_x, ref_owner, interval)
+    ref_x, ref_owner = x0, current.owner if current is not None else owner0  # the start is the current plan
+    st = _State(cluster, np.asarray(counts, dtype=np.float64), x0, owner0, ref_x, ref_owner, interval)
     max_moves = max_moves or num_experts + cluster.num_devices
     moves = 0
     best = st.score(st.times(), st.mig)
     while moves < max_moves:
-        mean = st.tok.mean()
+        mean = st.tok.sum() / len(st.tok)  # as `mean()` computes it, without its overhead
         if mean > 0 and st.tok.max() / mean <= threshold:
             break
         step, obj = None, best
@@ -301,7 +319,8 @@ def greedy_judged(cluster: Cluster, counts: np.ndarray, current: LayerPlan | Non
             st.apply(*change)
         best, moves = obj, moves + 1
     # the estimator judges: start, greedy, greedy with levelled shares, wrap-around construction
-    gx, go = st.x.copy(), st.owner.copy()
+    gx, go = st.x, st.owner
+    del st  # its ~1 MB of proxy terms freed before the judge allocates: fewer fresh pages (page faults)
     cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), go)]
     if num_experts * cluster.num_devices <= SHARES_CELLS:
         cands.append(("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), go))

@@ -56,9 +56,9 @@ MUTATIONS = [
              "    sh = np.where(valid, 1.0, 0.0)\n",
              ("tests/test_routing.py",), "whole-token routing splits every expert evenly over its replicas"),
     Mutation("route-ignores-shares", "cost_models/routing.py",
-             "    demand = counts.sum(axis=0)[:, None] * share\n",
-             "    demand = counts.sum(axis=0)[:, None] * (share > 0) / np.maximum((share > 0).sum(axis=1, "
-             "keepdims=True), 1)\n",
+             "    cap = counts.sum(axis=0)[:, None] * share  # the demand",
+             "    cap = counts.sum(axis=0)[:, None] * (share > 0) / np.maximum((share > 0).sum(axis=1, "
+             "keepdims=True), 1)  # the demand",
              ("tests/test_routing.py", "tests/test_estimator.py"),
              "the estimator's fractional routing splits every expert evenly"),
     Mutation("estimator-drops-sync", "cost_models/estimator.py",
@@ -114,8 +114,9 @@ MUTATIONS = [
              "    if (phy2log >= num_experts).any():\n",
              ("tests/test_plan.py",), "EPLB mapping accepts ids below -1 (the empty slot)"),
     Mutation("greedy-returns-its-start", "planner/greedy.py",  # cands[0] is the start (static) placement
-             "    name, x, share, owner = cands[i]\n    return x, share, owner, {\"solver\": \"greedy\"",
-             "    name, x, share, owner = cands[0]\n    return x, share, owner, {\"solver\": \"greedy\"",
+             "    name, x, share, owner = cands[i]\n",
+             "    name, x, share, owner = cands[0]\n"
+             "    best = verdict(cluster, counts, x, clean_shares(x, share), owner, current, interval)\n",
              ("tests/test_planner_solve.py",), "greedy returns its input (static) placement"),
     Mutation("ilp-returns-its-hint", "planner/ilp.py",
              "            info.update(returned=\"ilp\")\n",

@@ -23,7 +23,8 @@ def test_greedy_hands_back_the_verdict_on_the_plan_it_returns():
     placed = SOLVERS["greedy"](c, counts, cur, SolveOptions(interval=5))
     v = placed.verdict
     assert v is not None and np.array_equal(v.owner, placed.owner)
-    assert np.array_equal(v.share, score.clean_shares(placed.x, placed.share))
+    assert placed.share is v.share  # the verdict's own cleaned shares: finish need not clean them again
+    assert np.allclose(v.share.sum(axis=1), 1.0) and not v.share[~placed.x].any()
     assert v.objective == score.objective(c, counts, placed.x, v.share, v.owner, cur, 5)
     # the judge ranks by step plus migration (its floors add migration apart: they must agree)
     assert v.migration_s > 0 and v.objective == v.estimate.step_time + v.migration_s
