@@ -39,11 +39,6 @@ def latency(cluster: Cluster) -> np.ndarray:
     return A2A_PHASES * cluster.alpha.sum(axis=1)
 
 
-def _class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
-    """Cheapest seconds per byte from or to each device over each link class (inf when none)."""
-    return cluster.cheapest_inv_beta
-
-
 def compute_bound(cluster: Cluster, counts: np.ndarray) -> float:
     """Perfect balance of compute plus the all-to-all latency each device pays anyway:
     sum_g (T - lat_g) / b_g >= tokens + experts * min(a/b)."""
@@ -134,7 +129,7 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     counts = fold_sources(counts, cluster.num_devices)
     G = cluster.num_devices
     b, lat = cluster.compute_b, latency(cluster)
-    ci, co = _class_costs(cluster)
+    ci, co = cluster.cheapest_inv_beta
     unit = A2A_PHASES * cluster.expert.token_bytes
     c = np.minimum(ci, co)
     c = np.where(np.isfinite(c), c, 0.0)  # a lone device sends nothing
@@ -192,9 +187,10 @@ def _replica_caps(cluster: Cluster, upper: float | None, U: float) -> np.ndarray
     return np.maximum((upper - latency(cluster) - cluster.compute_a) / cluster.compute_b, 0.0) / U
 
 
-def _finite_class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
-    """`_class_costs` with 0 where a device has no link of the class (it sends nothing over it)."""
-    ci, co = _class_costs(cluster)
+def finite_class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
+    """Each device's cheapest seconds per byte inside its node and across nodes
+    (`Cluster.cheapest_inv_beta`), 0 where it has no link of the class (it sends nothing over it)."""
+    ci, co = cluster.cheapest_inv_beta
     return np.where(np.isfinite(ci), ci, 0.0), np.where(np.isfinite(co), co, 0.0)
 
 
@@ -343,7 +339,7 @@ class Relaxation:
         larger of send and receive, at the device's cheapest link of the class."""
         s, G, E, U, tau, cl = self.solver, self.G, self.E, self.U, self.tau, self.cluster
         a, b, lat = cl.compute_a, cl.compute_b, latency(cl)
-        ci, co = _finite_class_costs(cl)
+        ci, co = finite_class_costs(cl)
         tb, P = cl.expert.token_bytes, cl.expert.param_bytes
         P_i, P_o = SYNC_PHASES * P * ci / tau, SYNC_PHASES * P * co / tau
         ki, ko = A2A_PHASES * tb * U * ci / tau, A2A_PHASES * tb * U * co / tau
@@ -496,13 +492,13 @@ class NodeRelaxation:
         self.Ktop = np.array([sum(np.sort(c[:, g])[::-1][:int(cl.slots[g])].sum() for g in d) for d in devs])
         caps = _replica_caps(cl, self.upper, U)
         self.cap = np.array([caps[d].max() for d in devs])  # the node's most capable device
-        ci, co = _finite_class_costs(cl)
+        ci, co = finite_class_costs(cl)
         self.ci_k = np.array([ci[d].min() for d in devs])
         self.co_k = np.array([co[d].min() for d in devs])
         # a replica's fixed time: its device's latency, the replica's own compute term and the
         # all-to-all the device pays whatever it serves (it sends what its slots cannot keep of
         # its own tokens, at its cheapest link: `traffic_bound`'s floor)
-        cheapest = np.minimum(*_class_costs(cl))
+        cheapest = np.minimum(*cl.cheapest_inv_beta)
         cheapest = np.where(np.isfinite(cheapest), cheapest, 0.0)
         slots = cl.slots
         own_src = self.counts  # [G, E] tokens each device's sources route
@@ -685,7 +681,7 @@ class NodeRelaxation:
         s, cl, tau, E, K = self.solver, self.cluster, self.tau, self.E, self.K
         P, OB = cl.expert.param_bytes, cl.expert.optimizer_bytes
         x0, own0 = current.replicas(), current.owner
-        _, co = _finite_class_costs(cl)
+        _, co = finite_class_costs(cl)
         had = np.stack([x0[:, d].any(axis=1) for d in self.devs], axis=1)  # [E, K]
         for d0 in np.unique(own0):
             k0, terms = int(self.node[d0]), []

@@ -84,7 +84,7 @@ def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migrat
 def floor_terms(cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per device: all-to-all seconds per token sent or received inside the node and across, at
     its cheapest link of each class (0 where it has none), and its all-to-all latency."""
-    ci, co = bounds._finite_class_costs(cluster)
+    ci, co = bounds.finite_class_costs(cluster)
     unit = A2A_PHASES * cluster.expert.token_bytes
     return unit * ci, unit * co, bounds.latency(cluster)
 
