@@ -446,7 +446,9 @@ class NodeRelaxation:
     does not own the expert syncs over the slow link, the owner node pays the larger of its
     followers' and its own), and its share of migration. Binary decisions are per (expert, node)
     only, so the solver proves far more than on the device model; the device-level facts it
-    loses (one device's balance) come back through the cheap bounds as a floor."""
+    loses come back as rows on the devices holding one expert's replicas on a node (each pays its
+    own all-to-all and the replicas' sync besides the expert's tokens: `_expert_rows`) and through
+    the cheap bounds as a floor."""
 
     def __init__(self, cluster: Cluster, counts, current=None, interval: int = 50, upper: float | None = None,
                  backend: str = "SCIP", local_cuts: bool = True):
