@@ -52,16 +52,23 @@ def test_layout_keeps_the_node_structure(seed):
     assert np.allclose(share.sum(axis=1), 1) and (share[~x] == 0).all()
 
 
-def test_layout_pairs_an_owner_with_a_follower_across():
-    """Node 0 hosts the owner of expert 0 (two followers on node 1) and a follower of expert 1
-    (owned on node 1): on one device their syncs overlap (the larger of 1 sent and 2 received),
-    apart they add up; experts 2 and 3, wanted by node 0's sources only, take the other device."""
+def _owner_with_followers_across(counts, tokens):
+    """Two nodes of two devices, two slots each. Expert 0 is owned on node 0 with two followers on
+    node 1; expert 1 owned on node 1 with a follower on node 0; experts 2 and 3 on node 0 only,
+    expert 4 on node 1 only. (cluster, the layout of these, `counts[source, expert]` given)."""
     cluster = slow_cluster(per_node=(2, 2), slots=2)
     n = np.array([[1, 2], [1, 1], [1, 0], [1, 0], [0, 1]])
     own = np.array([0, 1, 0, 0, 1])
-    counts = np.array([[3, 3, 30, 30, 0], [2, 2, 30, 30, 0], [5, 2, 0, 0, 30], [5, 3, 0, 0, 30]], dtype=float)
-    tokens = np.array([[5.0, 10.0], [5.0, 5.0], [60.0, 0.0], [60.0, 0.0], [0.0, 60.0]])
-    x, share, owner = layout(cluster, counts, n, own, tokens, seconds=10.0)
+    return cluster, layout(cluster, np.asarray(counts, float), n, own, np.asarray(tokens, float), seconds=10.0)
+
+
+def test_layout_pairs_an_owner_with_a_follower_across():
+    """On one device the owner's and the follower's syncs overlap (the larger of 1 sent and 2
+    received), apart they add up; experts 2 and 3, wanted by node 0's sources only, take the other
+    device."""
+    cluster, (x, share, owner) = _owner_with_followers_across(
+        [[3, 3, 30, 30, 0], [2, 2, 30, 30, 0], [5, 2, 0, 0, 30], [5, 3, 0, 0, 30]],
+        [[5, 10], [5, 5], [60, 0], [60, 0], [0, 60]])
     assert owner[0] in (0, 1) and x[1, owner[0]], x
     sync = sync_seconds(cluster, x, owner)
     assert sync[1 - owner[0]] == 0 and sync[:2].max() == sync[owner[0]]
@@ -72,12 +79,9 @@ def test_layout_keeps_a_busy_owner_light():
     device): the right layout gives it the light expert 3 (323.6 us by the estimator), not a
     heavy one, not even the follower of expert 1 whose send its receipts would hide (340.4 us);
     a model that forgot the owner's receipts would balance node 0's tokens instead."""
-    cluster = slow_cluster(per_node=(2, 2), slots=2)
-    n = np.array([[1, 2], [1, 1], [1, 0], [1, 0], [0, 1]])
-    own = np.array([0, 1, 0, 0, 1])
-    counts = np.array([[3, 25, 25, 3, 0], [2, 25, 25, 2, 0], [5, 0, 0, 0, 30], [5, 0, 0, 0, 30]], dtype=float)
-    tokens = np.array([[5.0, 10.0], [50.0, 0.0], [50.0, 0.0], [5.0, 0.0], [0.0, 60.0]])
-    x, share, owner = layout(cluster, counts, n, own, tokens, seconds=10.0)
+    _, (x, share, owner) = _owner_with_followers_across(
+        [[3, 25, 25, 3, 0], [2, 25, 25, 2, 0], [5, 0, 0, 0, 30], [5, 0, 0, 0, 30]],
+        [[5, 10], [50, 0], [50, 0], [5, 0], [0, 60]])
     assert owner[0] in (0, 1) and x[3, owner[0]] and not x[[1, 2], owner[0]].any(), x
 
 
