@@ -117,6 +117,21 @@ def _largest(a: np.ndarray, k: int) -> np.ndarray:
     return np.sort(a, axis=1)[:, ::-1]
 
 
+def _cheapest(cluster: Cluster) -> np.ndarray:
+    """Each device's cheapest seconds per byte to or from any other device (0 for a lone device:
+    it sends nothing)."""
+    c = np.minimum(*cluster.cheapest_inv_beta)
+    return np.where(np.isfinite(c), c, 0.0)
+
+
+def _keepable(cluster: Cluster, counts: np.ndarray) -> np.ndarray:
+    """Tokens each device can keep of its own sources' (folded `counts[G, E]`): its `slots`
+    largest counts (all of them when it has slots for every expert)."""
+    smax = min(int(cluster.slots.max()), counts.shape[1])
+    srt = _largest(counts, smax)
+    return (srt * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
+
+
 def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     """Compute and what must cross links, balanced over devices and over nodes (the larger).
 
@@ -129,14 +144,11 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     counts = fold_sources(counts, cluster.num_devices)
     G = cluster.num_devices
     b, lat = cluster.compute_b, latency(cluster)
-    ci, co = cluster.cheapest_inv_beta
+    co = cluster.cheapest_inv_beta[1]
     unit = A2A_PHASES * cluster.expert.token_bytes
-    c = np.minimum(ci, co)
-    c = np.where(np.isfinite(c), c, 0.0)  # a lone device sends nothing
+    c = _cheapest(cluster)
     C = counts.sum(axis=1)
-    smax = min(int(cluster.slots.max()), counts.shape[1])  # fewer experts than slots: all of them
-    srt = _largest(counts, smax)
-    K = (srt * (np.arange(smax)[None, :] < cluster.slots[:, None])).sum(axis=1)
+    K = _keepable(cluster, counts)
     N = float(counts.sum())
     best = _balance(np.ones(G), lat, b, unit * c, C, K, N)
     nodes = cluster.num_nodes
@@ -500,12 +512,8 @@ class NodeRelaxation:
         # a replica's fixed time: its device's latency, the replica's own compute term and the
         # all-to-all the device pays whatever it serves (it sends what its slots cannot keep of
         # its own tokens, at its cheapest link: `traffic_bound`'s floor)
-        cheapest = np.minimum(*cl.cheapest_inv_beta)
-        cheapest = np.where(np.isfinite(cheapest), cheapest, 0.0)
-        slots = cl.slots
-        own_src = self.counts  # [G, E] tokens each device's sources route
-        kept = np.array([np.sort(own_src[g])[::-1][:int(slots[g])].sum() for g in range(cl.num_devices)])
-        sends = A2A_PHASES * cl.expert.token_bytes * cheapest * (own_src.sum(axis=1) - kept)
+        sends = A2A_PHASES * cl.expert.token_bytes * _cheapest(cl) * (self.counts.sum(axis=1)
+                                                                      - _keepable(cl, self.counts))
         self.floor_c = np.array([float((lat[d] + a[d] + sends[d]).min()) for d in devs]) / tau
         self.fixed_c = np.array([float((lat[d] + a[d]).min()) for d in devs]) / tau  # without the sends
         # [K][E, j]: what e's j largest sources on node k route (what j replicas there keep at most)

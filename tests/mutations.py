@@ -202,8 +202,8 @@ MUTATIONS = [
              "        s.Add(sync_o >= po * owed_o)\n", "",
              ("tests/test_layout.py",), "an owner's receipts across nodes cost its device nothing"),
     Mutation("node-bound-overcharges-sends", "planner/bounds.py",
-             "        sends = A2A_PHASES * cl.expert.token_bytes * cheapest * (own_src.sum(axis=1) - kept)\n",
-             "        sends = A2A_PHASES * cl.expert.token_bytes * cheapest * own_src.sum(axis=1)\n",
+             "                                                                      - _keepable(cl, self.counts))\n",
+             "                                                                      - 0 * _keepable(cl, self.counts))\n",
              ("tests/test_bounds.py",), "a device's all-to-all floor forgets what it keeps (an invalid bound)"),
 ]
 
