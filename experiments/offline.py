@@ -204,7 +204,8 @@ def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, s
     paired = realise(cluster, counts, sol[1], sol[2], sol[3])
     if paired is not None:
         starts["/paired"] = paired
-    solved = layout(cluster, counts, sol[1], sol[2], sol[3], seconds=slot(LAYOUT_SHARE)) if slot(LAYOUT_SHARE) else None
+    seconds = slot(LAYOUT_SHARE)
+    solved = layout(cluster, counts, sol[1], sol[2], sol[3], seconds=seconds) if seconds > 0 else None
     if solved is not None:
         starts["/layout"] = solved
     for tag, (x, s, o) in starts.items():
