@@ -193,8 +193,9 @@ def _refine_best(cluster, counts, current, interval, plans, obj, top: int, slot,
 def _add_node_plans(cluster, counts, current, interval, sol, name, plans, obj, slot, share: float):
     """A node solution (u, n, own, Y) made into device plans four ways (`construct.from_nodes`
     with its owners and with owners spread, `refine.realise`, laid out for the slow syncs to
-    overlap, and `planner.layout`, each node's layout solved whole), each refined for `slot(share)` seconds with shares also levelled inside nodes; all
-    join `plans` and `obj` (different starts end in quite different plans: the estimator picks)."""
+    overlap, and `planner.layout`, each node's layout solved whole), each refined for
+    `slot(share)` seconds with shares also levelled inside nodes; all join `plans` and `obj`
+    (different starts end in quite different plans: the estimator picks)."""
     starts = {}
     made = from_nodes(cluster, counts, sol[3], sol[2])
     if made is not None:
