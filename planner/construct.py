@@ -415,6 +415,18 @@ def spread_owners(cluster: Cluster, x: np.ndarray, base: np.ndarray, owner: np.n
     return owner
 
 
+def node_counts(cluster: Cluster, replicas: np.ndarray, owner_node: np.ndarray) -> np.ndarray | None:
+    """`replicas[e, k]` of a node-level plan with the owner node holding at least one, or None when
+    a node cannot hold them (more than its slots, or more of one expert than it has devices)."""
+    n = np.asarray(replicas, dtype=np.int64).copy()
+    rows = np.arange(len(n))
+    n[rows, owner_node] = np.maximum(n[rows, owner_node], 1)
+    for k, devs in enumerate(cluster.node_devices):
+        if n[:, k].sum() > cluster.slots[devs].sum() or (n[:, k] > len(devs)).any():
+            return None
+    return n
+
+
 def from_nodes(cluster: Cluster, counts: np.ndarray, tokens: np.ndarray, owner_node: np.ndarray):
     """A device plan from a node-level one (`tokens[e, k]` each node serves, `owner_node[e]`):
     `pack_node` inside each node, counting the weight sync of experts served on several nodes;

@@ -20,7 +20,8 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.estimator import A2A_PHASES, SYNC_PHASES, fold_sources
-from planner.bounds import latency
+from planner.bounds import finite_class_costs, latency
+from planner.construct import node_counts
 from planner.score import clean_shares
 
 
@@ -32,15 +33,14 @@ def layout(cluster: Cluster, counts: np.ndarray, replicas: np.ndarray, owner_nod
     counts = fold_sources(counts, cluster.num_devices)
     load = counts.sum(axis=0)
     E = len(load)
-    n = np.asarray(replicas, dtype=np.int64).copy()
     owner_node = np.asarray(owner_node, dtype=np.int64)
-    n[np.arange(E), owner_node] = np.maximum(n[np.arange(E), owner_node], 1)
+    n = node_counts(cluster, replicas, owner_node)
+    if n is None:
+        return None
     tokens = np.asarray(tokens, dtype=np.float64)
     x, tok, owner = np.zeros((E, cluster.num_devices), dtype=bool), np.zeros((E, cluster.num_devices)), np.full(E, -1)
     nodes = cluster.node_devices
     for k, devs in enumerate(nodes):
-        if n[:, k].sum() > cluster.slots[devs].sum() or (n[:, k] > len(devs)).any():
-            return None
         placed = _node(cluster, counts, n, owner_node, tokens, k, seconds / len(nodes))
         if placed is None:
             return None
@@ -63,10 +63,7 @@ def _node(cluster: Cluster, counts, n, owner_node, tokens, k: int, seconds: floa
     c = counts[np.ix_(devs, ex)]  # [devices, experts] own tokens
     tau = max(float(cluster.compute_b.max() * Y.sum()) / m, 1e-12) / 1000  # time unit: 1/1000 of a device's share
     a, b, lat = (np.asarray(v)[devs] / tau for v in (cluster.compute_a, cluster.compute_b, latency(cluster)))
-    inv = cluster.inv_beta
-    intra = float(inv[np.ix_(devs, devs)][~np.eye(m, dtype=bool)].min()) if m > 1 else 0.0
-    inter = float(inv[np.ix_(devs, np.setdiff1d(np.arange(cluster.num_devices), devs))].min()) \
-        if cluster.num_nodes > 1 else 0.0
+    intra, inter = (float(v[devs].min()) for v in finite_class_costs(cluster))  # the node's cheapest links
     tb, P = cluster.expert.token_bytes, cluster.expert.param_bytes
     ki, ko = A2A_PHASES * tb * intra / tau, A2A_PHASES * tb * inter / tau
     pi, po = SYNC_PHASES * P * intra / tau, SYNC_PHASES * P * inter / tau

@@ -21,7 +21,7 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.estimator import Breakdown, estimate
-from planner.construct import balance_shares, inter_sync_s
+from planner.construct import balance_shares, inter_sync_s, node_counts
 from planner.plan import LayerPlan
 from planner.score import Verdict, clean_shares, migration_s
 
@@ -161,8 +161,9 @@ def realise(cluster: Cluster, counts: np.ndarray, replicas: np.ndarray, owner_no
     counts = np.asarray(counts, dtype=np.float64)
     load = counts.sum(axis=0)
     E, G = len(load), cluster.num_devices
-    n = np.asarray(replicas, dtype=np.int64).copy()
-    n[np.arange(E), owner_node] = np.maximum(n[np.arange(E), owner_node], 1)  # the owner node holds one
+    n = node_counts(cluster, replicas, owner_node)
+    if n is None:
+        return None
     tokens = np.asarray(tokens, dtype=np.float64)
     cross = (n > 0).sum(axis=1) > 1
     remote = n.sum(axis=1)[:, None] - n  # [E, K] replicas of e on other nodes than k
@@ -178,8 +179,6 @@ def realise(cluster: Cluster, counts: np.ndarray, replicas: np.ndarray, owner_no
         busy[g] += a[g] + b[g] * tok[e, g]
 
     for k, devs in enumerate(cluster.node_devices):
-        if n[:, k].sum() > slots[devs].sum() or (n[:, k] > len(devs)).any():
-            return None
         room = lambda e: [int(g) for g in devs if x[:, g].sum() < slots[g] and not x[e, g]]
         for e in sorted(np.flatnonzero(cross & (owner_node == k)).tolist(), key=lambda e: (-remote[e, k], e)):
             g = min(room(e), key=lambda g: (owed[g] > 0, x[:, g].sum(), busy[g]))
