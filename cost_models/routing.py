@@ -31,7 +31,12 @@ import numpy as np
 def dense_nodes(nodes) -> np.ndarray:
     """Node ids numbered 0..K-1 (a cluster file's ids may be any integers): `Cluster.node_index`
     for callers that hold only the node array."""
-    return np.unique(np.asarray(nodes), return_inverse=True)[1].reshape(-1)
+    n = np.asarray(nodes).reshape(-1)
+    # already 0..K-1 with none missing (`node_index`, most cluster files): as they are, without
+    # `unique`'s sort, a tenth of an estimate's cost at 64 devices
+    if n.dtype.kind in "iu" and len(n) and n.min() >= 0 and np.bincount(n).all():
+        return n.astype(np.intp, copy=False)
+    return np.unique(n, return_inverse=True)[1].reshape(-1)
 
 
 def apportion(total, weights: np.ndarray) -> np.ndarray:

@@ -54,57 +54,47 @@ def compute_bound(cluster: Cluster, counts: np.ndarray) -> float:
 def _balance(weight, base, b, k, C, K, N):
     """Smallest T with shares t_i >= 0, sum t_i = N and, for every group i,
     weight_i * T >= base_i + b_i t_i + k_i max(C_i - L_i, t_i - L_i), L_i = min(t_i, K_i) (the most a
-    group can keep local). The right side is convex piecewise linear in t_i (breakpoints K_i,
-    C_i), so each group's feasible t form an interval [lo_i(T), hi_i(T)], its ends piecewise linear
-    in T with breakpoints at the values the right side takes at the t-breakpoints. So the sums of
-    the ends are linear between consecutive such values: evaluated at a few of them, then at those
-    around the crossings, the smallest T with sum lo <= N <= sum hi is found exactly, by
-    interpolation (shaved by `SAFETY * 1e-3` relative, for rounding)."""
+    group can keep local). The right side f_i is convex piecewise linear in t_i (breakpoints K_i,
+    C_i), so each group's feasible t form an interval [lo_i(T), hi_i(T)]. Below t1, the largest of
+    the groups' least values, some group has no feasible share. f_i's flat pieces lie at its least
+    value, so from t1 on the ends move only along sloped pieces, each at a constant rate: sum hi
+    rises and sum lo falls piecewise linearly, and one sweep over the pieces' ends (in order of T)
+    finds exactly where each crosses N (shaved by `SAFETY * 1e-3` relative, for rounding)."""
     n = len(weight)
-    # [4, n]: the t-breakpoints and the right side's values there, groups last (numpy's inner loops
-    # then run over the groups, not over 4 points)
+    # [4, n]: the t-breakpoints and the right side's values there, groups last
     pts = np.stack([np.zeros(n), K, np.maximum(C, K), np.full(n, float(N))])
     pts = np.maximum.accumulate(np.minimum(pts, N), axis=0)
     L = np.minimum(pts, K)
     vals = (base + b * pts + k * np.maximum(C - L, pts - L)) / weight
     p0, p1, v0, v1 = pts[:3], pts[1:], vals[:3], vals[1:]  # [3, n] linear pieces
-    dp = p1 - p0
-    # a flat piece (v1 == v0) divides by 1: its crossing is never used (both of its ends are in or out)
-    dv = np.where(v1 != v0, v1 - v0, 1.0)
-
-    def ends(T):
-        """(sum of lo_i, sum of hi_i) at each level of the array T >= t1; all pieces in one pass."""
-        T = T[:, None, None]
-        ok = vals <= T  # [M, 4, n]: a piece's ends are consecutive points
-        ok0, ok1 = ok[:, :3], ok[:, 1:]
-        # clip as minimum(maximum()): the same numbers without np.clip's overhead
-        cross = p0 + np.minimum(np.maximum((T - v0) / dv, 0.0), 1.0) * dp
-        lo = np.where(ok0, p0, np.where(ok1, cross, np.inf)).min(axis=1)
-        hi = np.where(ok1, p1, np.where(ok0, cross, -np.inf)).max(axis=1)
-        return lo.sum(axis=1), hi.sum(axis=1)
-
-    # below every group's least value some group has no feasible share; from there on, every level
-    # (at the highest every group fits any share): sum lo falls and sum hi rises with T
+    dp, dv = p1 - p0, v1 - v0
     t1 = float(vals.min(axis=0).max())
-    levels = np.unique(vals[vals >= t1])
-    keep = np.ones(len(levels), dtype=bool)
-    if len(levels) > 48:  # every step-th level first, then the levels between the two around each crossing
-        step = -(-len(levels) // 16)
-        coarse = np.unique(np.append(np.arange(0, len(levels), step), len(levels) - 1))
-        lo, hi = ends(levels[coarse])
-        keep[:] = False
-        for j in (int(np.argmax(lo <= N)), int(np.argmax(hi >= N))):
-            if j > 0:
-                keep[coarse[j - 1]:coarse[j] + 1] = True
+    # the ends at t1: on each piece, its ends if under t1, else where it crosses t1 (a flat piece
+    # divides by 1: its ends are both in or both out); clip as minimum(maximum()), without np.clip's
+    # overhead
+    ok = vals <= t1
+    ok0, ok1 = ok[:3], ok[1:]
+    cross = p0 + np.minimum(np.maximum((t1 - v0) / np.where(dv != 0, dv, 1.0), 0.0), 1.0) * dp
+    ends = (np.where(ok1, p1, np.where(ok0, cross, -np.inf)).max(axis=0).sum(),  # sum hi
+            np.where(ok0, p0, np.where(ok1, cross, np.inf)).min(axis=0).sum())  # sum lo
     best = t1
-    if keep.any():
-        levels = levels[keep]
-        lo, hi = ends(levels)
-        for e, fits in ((lo, lo <= N), (hi, hi >= N)):
-            j = int(np.argmax(fits))  # the first level that fits, linear from the one before
-            if j > 0 and fits[j]:
-                a0, a1 = float(e[j - 1]), float(e[j])
-                best = max(best, float(levels[j - 1]) + (a0 - N) / (a0 - a1) * float(levels[j] - levels[j - 1]))
+    for total, sign in zip(ends, (1.0, -1.0)):
+        need = sign * (N - total)  # how far the sum must still move
+        if need <= 0:
+            continue
+        # hi moves along rising pieces (from v0 to v1), lo along falling ones (from v1 to v0), at
+        # dp / |dv| tokens per second, from t1 on
+        start, stop = (v0, v1) if sign > 0 else (v1, v0)
+        m = (stop > t1) & (stop > start)
+        rate = dp[m] / (sign * dv[m])
+        times = np.concatenate([np.maximum(start[m], t1), stop[m]])
+        order = np.argsort(times, kind="stable")
+        times = times[order]
+        speed = np.cumsum(np.concatenate([rate, -rate])[order])  # after each event
+        moved = np.concatenate([[0.0], np.cumsum(speed[:-1] * np.diff(times))])  # at each event
+        j = int(np.searchsorted(moved, need))  # >= 1: moved[0] = 0 < need
+        best = max(best, float(times[-1]) if j == len(moved)
+                   else float(times[j - 1]) + (need - float(moved[j - 1])) / float(speed[j - 1]))
     return best * (1 - 1e-3 * SAFETY)
 
 

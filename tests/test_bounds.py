@@ -131,7 +131,7 @@ def test_balance_is_the_exact_optimum_of_its_lp():
     from ortools.linear_solver import pywraplp
     rng = np.random.default_rng(7)
     for case in range(40):
-        n = int(rng.integers(1, 12 if case % 2 else 40))  # past 12 groups: the coarse, then fine, scan of levels
+        n = int(rng.integers(1, 12 if case % 2 else 40))
         weight = rng.integers(1, 4, n).astype(float)
         base, b = rng.uniform(0, 2, n), rng.uniform(0.5, 2, n)
         k = rng.uniform(0, 3, n) * (rng.random() < 0.8)

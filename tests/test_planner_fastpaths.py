@@ -10,7 +10,7 @@ import pytest
 
 from cost_models import estimator
 from cost_models.presets import preset
-from cost_models.routing import class_traffic, route
+from cost_models.routing import class_traffic, dense_nodes, route
 from planner import construct, score
 from tests.planner_helpers import make_cluster
 
@@ -212,3 +212,12 @@ def test_cluster_caches_equal_their_plain_forms():
     assert np.array_equal(c.class_masks, np.stack([~c.inter_mask, c.inter_mask]).astype(float))
     for cached in (ci, co, c.class_masks):
         assert not cached.flags.writeable  # shared by every caller: nobody may change them
+
+
+def test_dense_nodes_equals_unique_numbering():
+    """Ids already numbered 0..K-1 pass through unsorted; any others are renumbered as `unique` does."""
+    rng = np.random.default_rng(3)
+    cases = [[0, 0, 1, 1], [1, 0, 1, 0], [0, 2], [5, 5, 9], [3, 3], [-1, 0], [0.0, 1.0]]
+    cases += [rng.integers(0, k, n) for k in (1, 2, 5) for n in (1, 4, 9)]
+    for ids in cases:
+        assert np.array_equal(dense_nodes(ids), np.unique(np.asarray(ids), return_inverse=True)[1].reshape(-1))
