@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cost_models.estimator import cells
 from cost_models.files import (InputError, check_schema, read_json, whole_number, write_json_atomic)
 
 MAX_EXPERTS = 2**20  # per layer; beyond it a number in a plan file is a typo
@@ -45,19 +46,25 @@ class LayerPlan:
     def num_experts(self) -> int:
         return self.owner.shape[0]
 
+    def _replica_cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(expert, device, share) of each used slot, device by device: from the flat indices, as
+        `np.nonzero` of a 2-D array is several times slower."""
+        flat = np.flatnonzero(self.assign != EMPTY)
+        return self.assign.reshape(-1)[flat], flat // self.assign.shape[1], self.share.reshape(-1)[flat]
+
     def replicas(self) -> np.ndarray:
         """[experts, devices] bool: where each expert has a replica."""
         x = np.zeros((self.num_experts, self.num_devices), dtype=bool)
-        dev, slot = np.nonzero(self.assign != EMPTY)
-        x[self.assign[dev, slot], dev] = True
+        e, dev, _ = self._replica_cells()
+        x[e, dev] = True
         return x
 
     def shares(self) -> np.ndarray:
-        """[experts, devices]: the share of each expert's tokens served on each device."""
-        s = np.zeros((self.num_experts, self.num_devices))
-        dev, slot = np.nonzero(self.assign != EMPTY)
-        np.add.at(s, (self.assign[dev, slot], dev), self.share[dev, slot])
-        return s
+        """[experts, devices]: the share of each expert's tokens served on each device (summed,
+        should a device hold an expert twice: `validate` refuses that)."""
+        e, dev, share = self._replica_cells()
+        n = self.num_devices
+        return np.bincount(e * n + dev, share, self.num_experts * n).reshape(self.num_experts, n)
 
     def replica_counts(self) -> np.ndarray:
         return self.replicas().sum(axis=1)
@@ -68,12 +75,12 @@ class LayerPlan:
         """Build from [experts, devices] replica and share matrices, filling slots in expert order."""
         x = np.asarray(x, dtype=bool)
         num_experts, num_devices = x.shape
-        held = x.sum(axis=0)
+        es, gs = cells(x)  # by expert, then device
+        held = np.bincount(gs, minlength=num_devices)
         over = np.flatnonzero(held > max_slots)
         if len(over):
             g = over[0]
             raise InputError(f"device {g} would hold {held[g]} replicas but has {max_slots} slots")
-        es, gs = np.nonzero(x)  # by expert, then device
         # a replica's rank among its device's experts: its place in its device's run of a stable sort
         order = np.argsort(gs, kind="stable")
         slot = np.empty_like(gs)
@@ -113,17 +120,19 @@ class LayerPlan:
             raise InputError(f"{prefix}shares must be finite and non-negative")
         if (self.share[self.assign == EMPTY] != 0).any():
             raise InputError(f"{prefix}an empty slot has a non-zero share")
-        x = self.replicas()
-        missing = np.flatnonzero(~x.any(axis=1))
+        e, dev, share = self._replica_cells()
+        missing = np.flatnonzero(np.bincount(e, minlength=num_experts) == 0)
         if len(missing):
             raise InputError(f"{prefix}experts {missing.tolist()} have no replica")
-        sums = self.shares().sum(axis=1)
+        sums = np.bincount(e, share, num_experts)
         off = np.flatnonzero(np.abs(sums - 1.0) > SHARE_TOLERANCE)
         if len(off):
             raise InputError(f"{prefix}shares of expert {off[0]} sum to {sums[off[0]]:.9g}, not 1")
         if ((self.owner < 0) | (self.owner >= num_devices)).any():
             raise InputError(f"{prefix}owner device ids must be in 0..{num_devices - 1}")
-        orphans = np.flatnonzero(~x[np.arange(num_experts), self.owner])
+        held = np.zeros(num_experts * num_devices, dtype=bool)
+        held[e * num_devices + dev] = True
+        orphans = np.flatnonzero(~held[np.arange(num_experts) * num_devices + self.owner])
         if len(orphans):
             e = orphans[0]
             raise InputError(f"{prefix}expert {e}'s owner is device {self.owner[e]}, which holds no replica of it")
