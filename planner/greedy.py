@@ -41,9 +41,10 @@ TINY = np.finfo(np.float64).tiny
 
 class _State:
     """Placement with even shares and the per-device proxy terms, updated move by move. The terms
-    of each expert are one `[6, G]` block (sync, migration, then the all-to-all's send intra,
-    receive intra, send inter, receive inter seconds), so a trial or a move adds and removes an
-    expert's terms in one numpy call, not three."""
+    of each expert are one `[7, G]` block (sync, migration, the all-to-all's send intra, receive
+    intra, send inter, receive inter over all its phases, then compute seconds), so a trial or a
+    move adds and removes an expert's terms in one numpy call, and a device's time is read off the
+    totals."""
 
     def __init__(self, cluster: Cluster, counts, x, owner, x0, owner0, interval):
         load = counts.sum(axis=0)
@@ -59,8 +60,10 @@ class _State:
         tb = cluster.expert.token_bytes
         self.lat = A2A_PHASES * cluster.alpha.sum(axis=1)
         self.inv_intra = _intra(cluster)
-        self.cost_intra = tb * self.inv_intra
-        self.cost_inter = tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
+        # seconds per token over all the phases (times a power of two: the same numbers as
+        # multiplying the sums by the phases afterwards)
+        self.cost_intra = A2A_PHASES * tb * self.inv_intra
+        self.cost_inter = A2A_PHASES * tb * (1.0 / cluster.links["inter"].beta if "inter" in cluster.links else 0.0)
         self.r = self.x.sum(axis=1)
         self.q = load / self.r  # tokens per replica
         e, g = cells(self.x)
@@ -69,6 +72,9 @@ class _State:
         self.tok = np.bincount(g, self.q[e], self.x.shape[1])
         self.n = self.x.sum(axis=0)
         self.last = self.p = None
+        # positions of the experts, or of a trial's candidates (at most 2 slots' worth and 3 more):
+        # sliced, not made, per trial
+        self.ids = np.arange(len(load) + 2 * int(cluster.slots.max()) + 3)
         # constant per state: sync seconds of a follower on g with its owner o (`sync_to[o, g]`),
         # and what a new replica of e on g costs to copy (from its node if the expert is there)
         self.sync_to = SYNC_PHASES * self.P * self.invb.T
@@ -81,27 +87,30 @@ class _State:
         # moving the optimizer state, [from, to]: 0 on the diagonal (inv_beta's), so adding it for
         # every candidate's owner changes only the moved ones
         self.opt_s = cluster.expert.optimizer_bytes * self.invb
-        self.terms_e = self._rows(slice(None), self.x, self.owner, self.x * self.q[:, None])  # [E, 6, G]
-        self.terms = self.terms_e.sum(axis=0)  # [6, G], all experts
+        self.terms_e = self._rows(slice(None), self.x, self.owner, self.x * self.q[:, None])  # [E, 7, G]
+        self.terms = self.terms_e.sum(axis=0)  # [7, G], all experts
 
     # the totals by kind: views into `terms`, so they follow its updates
     sync = property(lambda self: self.terms[0])
     mig = property(lambda self: self.terms[1])
-    a2a_parts = property(lambda self: self.terms[2:])
+    a2a_parts = property(lambda self: self.terms[2:6])
 
     def _rows(self, es, rows, owners, y=None):
-        """Per-device proxy terms `[k, 6, G]` of experts `es` (indices, or a slice: views, no copies)
-        placed as `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds, and
+        """Per-device proxy terms `[k, 7, G]` of experts `es` (indices, or a slice: views, no copies)
+        placed as `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds,
         all-to-all (send intra, recv intra, send inter, recv inter) seconds under even shares,
         routed by the estimator's hierarchical rule (exact for the all-to-all when each link class
-        has one bandwidth). `y`: the rows' tokens per replica, if the caller has them."""
+        has one bandwidth), and compute seconds. `y`: the rows' tokens per replica, if the caller
+        has them."""
         n = len(rows)
-        k = np.arange(n)
-        rows = np.asarray(rows, bool)
+        k = self.ids[:n]
+        rows = np.asarray(rows, np.float64)  # once: numpy multiplies floats faster than bools by floats
         if y is None:
             y = rows * (self.load[es] / np.maximum(rows.sum(axis=1), 1))[:, None]
-        out = np.empty((n, 6, rows.shape[1]))
-        f, mig, a2a = out[:, 0], out[:, 1], out[:, 2:]
+        out = np.empty((n, 7, rows.shape[1]))
+        f, mig, a2a, comp = out[:, 0], out[:, 1], out[:, 2:6], out[:, 6]
+        np.multiply(rows, self.a, out=comp)
+        comp += y * self.b
         # sync: each follower and its owner pay a replica's bytes per phase over their link (the
         # owner's own cell is 0 here: `sync_to` has inv_beta's zero diagonal)
         np.multiply(self.sync_to[owners], rows, out=f)
@@ -133,15 +142,15 @@ class _State:
 
     def _a2a(self, parts):
         """All-to-all seconds per device from its four parts: per link class the larger of send and
-        receive (both classes in one call), over the phases, plus latency."""
+        receive (both classes in one call), plus latency."""
         port = np.maximum(parts[..., 0::2, :], parts[..., 1::2, :])  # (intra, inter)
-        return A2A_PHASES * (port[..., 0, :] + port[..., 1, :]) + self.lat
+        return port[..., 0, :] + port[..., 1, :] + self.lat
 
     def times(self):
         """Per-device proxy seconds; after `apply(..., k)`, the row its trial computed (the same
         terms, summed in another order: equal up to rounding)."""
         if self.p is None:
-            self.p = self.a * self.n + self.b * self.tok + self.terms[0] + self._a2a(self.terms[2:])
+            self.p = self.terms[0] + self.terms[6] + self._a2a(self.terms[2:6])
         return self.p
 
     def score(self, p, mig):
@@ -153,23 +162,24 @@ class _State:
     def trials(self, es, rows, owners):
         """Objectives if each change (expert `es[k]` to replica row `rows[k]` with owner `owners[k]`)
         alone were made: one numpy pass. `apply(..., k)` reuses the rows computed here."""
-        xe, le = self.x[es], self.load[es]
-        y = rows * (le / rows.sum(axis=1))[:, None]  # tokens per replica after the change
-        dt = y - xe * self.q[es][:, None]
+        r = rows.sum(axis=1)
+        y = rows * (self.load[es] / r)[:, None]  # tokens per replica after the change
         t = self._rows(es, rows, owners, y)
-        total = self.terms[None] - self.terms_e[es] + t  # [k, 6, G]: each change's totals
-        p = self.a * (self.n + rows - xe) + self.b * (self.tok + dt) + total[:, 0] + self._a2a(total[:, 2:])
-        self.last = (t, p)
+        total = self.terms[None] - self.terms_e[es] + t  # [k, 7, G]: each change's totals
+        p = total[:, 0] + total[:, 6] + self._a2a(total[:, 2:6])
+        self.last = (t, p, y, r)
         return p.max(axis=1) + total[:, 1].max(axis=1) / self.interval
 
     def apply(self, e, row, own, k=None):
         """Make the change; `k`: its index in the last `trials`, whose rows are then reused."""
-        r_new = row.sum()
-        self.tok += row * (self.load[e] / r_new) - self.x[e] * (self.load[e] / self.r[e])
-        self.n += row.astype(np.int64) - self.x[e]
         if k is not None:
-            t, self.p = (v[k] for v in self.last)
+            t, self.p, y, r_new = (v[k] for v in self.last)
         else:
+            r_new = row.sum()
+            y = row * (self.load[e] / r_new)
+        self.tok += y - self.x[e] * (self.load[e] / self.r[e])
+        self.n += row.astype(np.int64) - self.x[e]
+        if k is None:
             t = self._rows(np.array([e]), row[None, :], np.array([own]))[0]
             self.p = None
         self.last = None
