@@ -101,13 +101,17 @@ def wrap_tokens(load_arr: np.ndarray, a: np.ndarray, b: np.ndarray, slots: np.nd
     # target so far, less the search's tolerance, is dropped after that one trial
     for light in sorted(set(lights if lights is not None else {0, 1, k // 2, k - 1}) & set(range(k)), reverse=True):
         hi = lb if best is None else best[0] * (1 - SEARCH_TOLERANCE)
+        lo = lb * 0.999  # nothing fits under the balance bound
         fits = _wrap(load, a, b, slots, hi, light)
-        while not fits and best is None and hi < 1e6 * (lb + 1.0):  # the first light count: up to a fit
-            hi *= 2.0
+        excess = 1.0 / 16
+        # the first light count: up to a fit, in growing steps over the bound (the best target is
+        # mostly a few percent over it: a narrow bracket spares the bisection a few fills)
+        while not fits and best is None and hi < 1e6 * (lb + 1.0):
+            lo, hi = hi, lb * (1.0 + excess)
+            excess *= 2.0
             fits = _wrap(load, a, b, slots, hi, light)
         if not fits:
             continue
-        lo = lb * 0.999
         for _ in range(SEARCH_STEPS):
             if hi - lo <= SEARCH_TOLERANCE * hi:
                 break

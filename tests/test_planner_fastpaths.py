@@ -66,13 +66,14 @@ def _reference_wrap_tokens(load_arr, a, b, slots):
     k = int(max(slots))
     for light in sorted({0, 1, k // 2, k - 1} & set(range(k)), reverse=True):
         hi = lb if best is None else best[0] * (1 - construct.SEARCH_TOLERANCE)
+        lo = lb * 0.999
         found = _reference_wrap(load, order, a, b, slots, hi, light)
+        step = 1 / 16
         while found is None and best is None and hi < 1e6 * (lb + 1.0):
-            hi *= 2.0
+            lo, hi, step = hi, lb * (1 + step), 2 * step
             found = _reference_wrap(load, order, a, b, slots, hi, light)
         if found is None:
             continue
-        lo = lb * 0.999
         for _ in range(construct.SEARCH_STEPS):
             if hi - lo <= construct.SEARCH_TOLERANCE * hi:
                 break
