@@ -62,8 +62,10 @@ def _balance(weight, base, b, k, C, K, N):
     finds exactly where each crosses N (shaved by `SAFETY * 1e-3` relative, for rounding)."""
     n = len(weight)
     # [4, n]: the t-breakpoints and the right side's values there, groups last
-    pts = np.stack([np.zeros(n), K, np.maximum(C, K), np.full(n, float(N))])
-    pts = np.maximum.accumulate(np.minimum(pts, N), axis=0)
+    pts = np.empty((4, n))
+    pts[0], pts[1], pts[3] = 0.0, K, N
+    np.maximum(C, K, out=pts[2])
+    pts = np.maximum.accumulate(np.minimum(pts, N, out=pts), axis=0)
     L = np.minimum(pts, K)
     vals = (base + b * pts + k * np.maximum(C - L, pts - L)) / weight
     p0, p1, v0, v1 = pts[:3], pts[1:], vals[:3], vals[1:]  # [3, n] linear pieces
@@ -88,10 +90,13 @@ def _balance(weight, base, b, k, C, K, N):
         m = (stop > t1) & (stop > start)
         rate = dp[m] / (sign * dv[m])
         times = np.concatenate([np.maximum(start[m], t1), stop[m]])
-        order = np.argsort(times, kind="stable")
+        # events at one level may come in any order: the crossing lies past the last of them
+        order = np.argsort(times)
         times = times[order]
         speed = np.cumsum(np.concatenate([rate, -rate])[order])  # after each event
-        moved = np.concatenate([[0.0], np.cumsum(speed[:-1] * np.diff(times))])  # at each event
+        moved = np.empty(len(times))  # at each event
+        moved[0] = 0.0
+        np.cumsum(speed[:-1] * np.diff(times), out=moved[1:])
         j = int(np.searchsorted(moved, need))  # >= 1: moved[0] = 0 < need
         best = max(best, float(times[-1]) if j == len(moved)
                    else float(times[j - 1]) + (need - float(moved[j - 1])) / float(speed[j - 1]))
