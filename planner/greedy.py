@@ -51,6 +51,7 @@ class _State:
         self.c, self.load, self.interval = cluster, load, interval
         self.counts = np.ascontiguousarray(counts.T)  # [E, G]: tokens of each expert from each source
         self.x, self.owner = x.copy(), owner.copy()
+        self.xT = np.ascontiguousarray(x.T)  # [G, E]: a device's experts in one contiguous row
         self.x0, self.owner0 = x0, owner0
         self.a, self.b = cluster.compute_a, cluster.compute_b
         self.P = cluster.expert.param_bytes
@@ -186,6 +187,7 @@ class _State:
         self.terms += t - self.terms_e[e]
         self.terms_e[e] = t
         self.x[e], self.owner[e], self.r[e], self.q[e] = row, own, r_new, self.load[e] / r_new
+        self.xT[:, e] = row
 
 
 def _intra(cluster):
@@ -205,7 +207,7 @@ def _candidates(st: _State):
     q1, q[h1] = q[h1], -np.inf
     hot = [h1, int(q.argmax())] if len(q) > 1 else [h1]
     q[h1] = q1
-    on_s = np.flatnonzero(st.x[:, s]).tolist()
+    on_s = np.flatnonzero(st.xT[s]).tolist()
     hot += [e for e in on_s if e not in hot]  # and the straggler's experts
     # onto the least busy device with room and no replica yet (first of equals)
     ok = (st.n < st.c.slots) & ~st.x[hot]
@@ -259,7 +261,7 @@ def _expand_into_shrink(st: _State, best, width: int = 3):
     p = st.times()
     straggler = int(np.argmax(p))
     hot = [int(e) for e in np.argsort(-q, kind="stable")[:width]]
-    hot += [int(e) for e in np.flatnonzero(st.x[:, straggler]) if e not in hot]
+    hot += [int(e) for e in np.flatnonzero(st.xT[straggler]) if e not in hot]
     cold = [int(e) for e in multi[np.argsort(q[multi], kind="stable")[:width]]]
     found = None
     for e_cold in cold:
