@@ -108,10 +108,9 @@ def node_replicas(cluster: Cluster, x: np.ndarray) -> np.ndarray:
 def port_time(cluster: Cluster, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Send and receive seconds per device and link class for a [src, dst] bytes matrix:
     (send_intra, recv_intra, send_inter, recv_inter). Split by class as a product with the
-    cluster's 0/1 masks: `where` to the bit (seconds are finite and >= 0), at half its cost."""
-    t = nbytes * cluster.inv_beta
-    intra, inter = cluster.class_masks
-    t_intra, t_inter = t * intra, t * inter
+    cluster's inverse bandwidths per class: `where` to the bit (seconds are finite and >= 0)."""
+    intra, inter = cluster.class_inv_beta
+    t_intra, t_inter = nbytes * intra, nbytes * inter
     return t_intra.sum(axis=1), t_intra.sum(axis=0), t_inter.sum(axis=1), t_inter.sum(axis=0)
 
 

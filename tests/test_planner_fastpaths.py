@@ -210,8 +210,10 @@ def test_cluster_caches_equal_their_plain_forms():
     ci, co = c.cheapest_inv_beta
     assert np.array_equal(ci, np.where(intra, invb, np.inf).min(axis=1))
     assert np.array_equal(co, np.where(c.inter_mask, invb, np.inf).min(axis=1))
-    assert np.array_equal(c.class_masks, np.stack([~c.inter_mask, c.inter_mask]).astype(float))
-    for cached in (ci, co, c.class_masks):
+    assert np.array_equal(c.class_inv_beta, np.stack([np.where(c.inter_mask, 0.0, c.inv_beta),
+                                                      np.where(c.inter_mask, c.inv_beta, 0.0)]))
+    assert c.num_nodes == len(set(c.node_of.tolist()))
+    for cached in (ci, co, c.class_inv_beta):
         assert not cached.flags.writeable  # shared by every caller: nobody may change them
 
 
