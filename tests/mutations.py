@@ -126,6 +126,10 @@ MUTATIONS = [
              "    return max(compute_bound(cluster, counts), traffic_bound(cluster, counts))\n",
              "    return 1.5 * max(compute_bound(cluster, counts), traffic_bound(cluster, counts))\n",
              ("tests/test_bounds.py",), "the quick lower bound is not valid"),
+    Mutation("balance-sweeps-from-the-start", "planner/bounds.py",  # ramps begun before t1 counted twice
+             "        times = np.concatenate([np.maximum(start[m], t1), stop[m]])\n",
+             "        times = np.concatenate([start[m], stop[m]])\n",
+             ("tests/test_bounds.py",), "the traffic bound's sweep counts what the ends moved before t1 again"),
     Mutation("objective-ignores-migration", "planner/score.py",
              "        return self.estimate.step_time + self.migration_s\n",
              "        return self.estimate.step_time\n",
