@@ -16,6 +16,7 @@ Deterministic: ties go to the lowest expert and device ids.
 from __future__ import annotations
 
 import heapq
+import threading
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from cost_models.estimator import (A2A_PHASES, SYNC_PHASES, cells, compute_makes
                                    sync_seconds)
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
-from planner.score import clean_shares, even_shares, floor_terms, migration_s, pick_owner, step_floor, verdict
+from planner.score import clean_shares, device_floors, even_shares, floor_terms, migration_s, pick_owner, verdict
 
 BALANCE_THRESHOLD = 1.02  # stop once the busiest device has at most 2% over the mean tokens
 MIN_GAIN = 1e-9  # seconds: a move must beat this to count
@@ -37,6 +38,21 @@ HIERARCHICAL_CELLS = 4096
 # lost by 9-17% at 256 x 64), and the levelling costs about 0.8 ms there
 SHARES_CELLS = 8192
 TINY = np.finfo(np.float64).tiny
+# per thread: a state's per-expert terms array, handed from plan to plan (`_terms_buffer`)
+_spare = threading.local()
+
+
+def _terms_buffer(shape) -> np.ndarray:
+    """An array for a state's per-expert terms: the one the last plan in this thread gave back if
+    it has this shape, else a new one. At 256 x 64 it is about 900 KB, mostly the largest block a
+    plan frees, and glibc maps a block as large as the largest it has unmapped afresh every time
+    (its dynamic mmap threshold): made anew each plan, its pages faulted in cost ~0.7 ms (220
+    faults a plan, measured with getrusage)."""
+    buf = getattr(_spare, "terms", None)
+    if buf is not None and buf.shape == shape:
+        _spare.terms = None  # taken: a second state in this thread gets its own
+        return buf
+    return np.empty(shape)
 
 
 class _State:
@@ -88,7 +104,8 @@ class _State:
         # moving the optimizer state, [from, to]: 0 on the diagonal (inv_beta's), so adding it for
         # every candidate's owner changes only the moved ones
         self.opt_s = cluster.expert.optimizer_bytes * self.invb
-        self.terms_e = self._rows(slice(None), self.x, self.owner, self.x * self.q[:, None])  # [E, 7, G]
+        self.terms_e = self._rows(slice(None), self.x, self.owner, self.x * self.q[:, None],
+                                  _terms_buffer((len(load), 7, self.x.shape[1])))  # [E, 7, G]
         self.terms = self.terms_e.sum(axis=0)  # [7, G], all experts
 
     # the totals by kind: views into `terms`, so they follow its updates
@@ -96,19 +113,19 @@ class _State:
     mig = property(lambda self: self.terms[1])
     a2a_parts = property(lambda self: self.terms[2:6])
 
-    def _rows(self, es, rows, owners, y=None):
+    def _rows(self, es, rows, owners, y=None, out=None):
         """Per-device proxy terms `[k, 7, G]` of experts `es` (indices, or a slice: views, no copies)
         placed as `rows[k, g]` with owners `owners[k]`: sync seconds, migration receive seconds,
         all-to-all (send intra, recv intra, send inter, recv inter) seconds under even shares,
         routed by the estimator's hierarchical rule (exact for the all-to-all when each link class
         has one bandwidth), and compute seconds. `y`: the rows' tokens per replica, if the caller
-        has them."""
+        has them; `out`, an array for the result."""
         n = len(rows)
         k = self.ids[:n]
         rows = np.asarray(rows, np.float64)  # once: numpy multiplies floats faster than bools by floats
         if y is None:
             y = rows * (self.load[es] / np.maximum(rows.sum(axis=1), 1))[:, None]
-        out = np.empty((n, 7, rows.shape[1]))
+        out = np.empty((n, 7, rows.shape[1])) if out is None else out
         f, mig, a2a, comp = out[:, 0], out[:, 1], out[:, 2:6], out[:, 6]
         np.multiply(rows, self.a, out=comp)
         comp += y * self.b
@@ -332,7 +349,8 @@ def _plan(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None, inter
         best, moves = obj, moves + 1
     # the estimator judges: start, greedy, greedy with levelled shares, wrap-around construction
     gx, go = st.x, st.owner
-    del st  # its ~1 MB of proxy terms freed before the judge allocates: fewer fresh pages (page faults)
+    _spare.terms = st.terms_e  # for the next plan in this thread (`_terms_buffer`)
+    del st
     cands = [("start", x0, start.shares(), owner0), ("greedy", gx, even_shares(gx), go)]
     if num_experts * cluster.num_devices <= SHARES_CELLS:
         cands.append(("greedy+shares", gx, balance_shares(gx, load, cluster.compute_a, cluster.compute_b), go))
@@ -354,31 +372,37 @@ def _plan(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None, inter
 def judge(cluster: Cluster, counts, cands, current, interval):
     """(index of the best, {name: objective}, the best's `score.Verdict`) of candidates (name, x,
     share, owner) by the estimator's objective on the shares the plan would report
-    (`score.clean_shares`), ties to the first. Best first on lower bounds: each candidate's compute
-    time alone, then, for those that could still win, `score.step_floor` plus its migration (near
-    exact, a fraction of an estimate); a candidate is estimated only when it comes first on that
-    floor, so usually the winner alone is. One whose bound exceeds the best objective found cannot
-    win: not estimated, its objective reads None."""
+    (`score.clean_shares`), ties to the first. Best first on lower bounds, each a candidate's next
+    one computed only when it comes first: its compute time alone; then `score.device_floors`,
+    compute and all-to-all (near exact, a fraction of an estimate); then those plus its sync and
+    migration (their cost again, so a candidate whose traffic already rules it out is spared
+    them); then the estimate itself, so usually the winner alone is estimated. One whose bound
+    exceeds the best objective found cannot win: not estimated, its objective reads None."""
     heap = [(compute_makespan(cluster, counts, x, s), 0, i) for i, (_, x, s, _) in enumerate(cands)]
     heapq.heapify(heap)
     best, objs, found = (np.inf, len(cands)), {}, None
     same = {}  # by (x, owner): candidates that differ only in shares share migration and sync
+    shares, floors = {}, {}  # by candidate: cleaned shares, per-device floors without sync
     terms = floor_terms(cluster)
     while heap:
-        bound, floored, i = heapq.heappop(heap)
+        bound, level, i = heapq.heappop(heap)
         if bound > best[0] * (1 + PRUNE_MARGIN):
             break  # every other bound is at least this
         name, x, s, o = cands[i]
+        if level == 0:
+            shares[i] = clean_shares(x, s)
+            floors[i] = device_floors(cluster, counts, x, shares[i], terms)
+            heapq.heappush(heap, (float(floors[i].max()), 1, i))  # sync and migration are >= 0
+            continue
         o = np.asarray(o)
-        s = clean_shares(x, s)
         key = (x.tobytes(), o.tobytes())
         if key not in same:
             same[key] = migration_s(cluster, current, x, o, interval), sync_seconds(cluster, x, o)
         mig, sync = same[key]
-        if not floored:
-            heapq.heappush(heap, (step_floor(cluster, counts, x, s, sync, terms) + mig, 1, i))
+        if level == 1:
+            heapq.heappush(heap, (float((floors[i] + sync).max()) + mig, 2, i))
             continue
-        v = verdict(cluster, counts, x, s, o, current, interval, mig, sync)
+        v = verdict(cluster, counts, x, shares[i], o, current, interval, mig, sync)
         objs[name] = v.objective
         if (v.objective, i) < best:
             best, found = (v.objective, i), v

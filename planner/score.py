@@ -89,19 +89,24 @@ def floor_terms(cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return unit * ci, unit * co, bounds.latency(cluster)
 
 
-def step_floor(cluster: Cluster, counts, x, share, sync: np.ndarray, terms=None) -> float:
-    """A lower bound on `estimate(...).step_time` for this placement, from the tokens each device
-    sends and receives inside and across nodes (`routing.class_traffic`, O(E * G)) at its cheapest
-    link of each class, with the estimate's own compute and `sync` (its sync seconds): equal to
-    the step, up to rounding, where each link class has one bandwidth. A fraction of an estimate's
-    cost: judges estimate only what this says could win. `terms`: `floor_terms(cluster)`, if the
-    caller has them."""
+def device_floors(cluster: Cluster, counts, x, share, terms=None) -> np.ndarray:
+    """Per device, a lower bound on its estimated step without the replica sync, from the tokens
+    it sends and receives inside and across nodes (`routing.class_traffic`, O(E * G)) at its
+    cheapest link of each class, with the estimate's own compute: with each device's sync added,
+    equal to the estimate, up to rounding, where each link class has one bandwidth. `terms`:
+    `floor_terms(cluster)`, if the caller has them."""
     ci, co, lat = floor_terms(cluster) if terms is None else terms
     tokens, (send_i, recv_i, send_o, recv_o) = class_traffic(fold_sources(counts, cluster.num_devices), share,
                                                              cluster.node_index)
     a2a = np.maximum(send_i, recv_i) * ci + np.maximum(send_o, recv_o) * co
-    return float((cluster.compute_a * np.asarray(x, bool).sum(axis=0) + cluster.compute_b * tokens + sync + a2a
-                  + lat).max())
+    return cluster.compute_a * np.asarray(x, bool).sum(axis=0) + cluster.compute_b * tokens + a2a + lat
+
+
+def step_floor(cluster: Cluster, counts, x, share, sync: np.ndarray, terms=None) -> float:
+    """A lower bound on `estimate(...).step_time` for this placement: `device_floors` plus `sync`
+    (the estimate's sync seconds). A fraction of an estimate's cost: judges estimate only what
+    this says could win."""
+    return float((device_floors(cluster, counts, x, share, terms) + sync).max())
 
 
 def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: LayerPlan | None) -> np.ndarray:
