@@ -224,3 +224,23 @@ def test_dense_nodes_equals_unique_numbering():
     cases += [rng.integers(0, k, n) for k in (1, 2, 5) for n in (1, 4, 9)]
     for ids in cases:
         assert np.array_equal(dense_nodes(ids), np.unique(np.asarray(ids), return_inverse=True)[1].reshape(-1))
+
+
+def test_a_plans_terms_array_serves_the_next_plan_and_never_two_states_at_once():
+    """The greedy's per-expert terms array is handed from plan to plan in a thread; a state made
+    while another holds it gets its own, and the plan is the same either way."""
+    from planner import greedy
+    c = make_cluster(nodes=2, per_node=2, slots=3)
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 500, (4, 6)).astype(float)
+    x, owner = _placement(rng, 6, 4, 0.3)
+    greedy._spare.terms = None
+    first = greedy.greedy(c, counts)
+    handed = greedy._spare.terms
+    assert handed is not None and handed.shape == (6, 7, 4)
+    a = greedy._State(c, counts, x, owner, x, owner, 50)
+    b = greedy._State(c, counts, x, owner, x, owner, 50)
+    assert a.terms_e is handed and b.terms_e is not handed
+    assert np.array_equal(a.terms_e, b.terms_e)
+    again = greedy.greedy(c, counts)  # with a fresh array (a holds the handed one)
+    assert all(np.array_equal(u, v) for u, v in zip(first[:3], again[:3]))
