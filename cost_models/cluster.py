@@ -204,6 +204,22 @@ class Cluster:
         return out
 
     @cached_property
+    def uniform_inv_beta(self) -> tuple[float, float] | None:
+        """Seconds per byte inside a node and across nodes when every pair of each link class has
+        the same bandwidth (presets and other nominal clusters; 0.0 for a class with no pairs),
+        else None (profiled clusters): then a device's link time per class is its bytes times
+        one number, and the estimator needs no [src, dst] matrix."""
+        inter = self.inter_mask
+        intra = ~inter & ~np.eye(self.num_devices, dtype=bool)
+        costs = []
+        for mask in (intra, inter):
+            values = np.unique(self.inv_beta[mask])
+            if len(values) > 1:
+                return None
+            costs.append(float(values[0]) if len(values) else 0.0)
+        return costs[0], costs[1]
+
+    @cached_property
     def cheapest_inv_beta(self) -> tuple[np.ndarray, np.ndarray]:
         """Per device, seconds per byte of its cheapest link to or from another device inside its
         node and across nodes (inf where it has none): what the bounds charge each byte. Cached:

@@ -30,7 +30,7 @@ import numpy as np
 
 from cost_models.cluster import Cluster
 from cost_models.files import InputError
-from cost_models.routing import route
+from cost_models.routing import class_traffic, route
 
 A2A_PHASES = 4
 # Replica sync runs in two phases; a planner's per-pair sync term is this many replica transfers.
@@ -144,8 +144,11 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     tokens_eg = totals[:, None] * share
     tokens = tokens_eg.sum(axis=0)
     compute = cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens
-    _, remote = route(counts, share, cluster.node_of)
-    ports, a2a = a2a_seconds(cluster, remote)
+    if cluster.uniform_inv_beta is not None:  # one bandwidth per link class: each device's totals suffice
+        ports, a2a = class_a2a_seconds(cluster, class_traffic(counts, share, cluster.node_index)[1])
+    else:
+        _, remote = route(counts, share, cluster.node_of)
+        ports, a2a = a2a_seconds(cluster, remote)
     if sync is None:
         sync = np.zeros(num_devices) if owner is None else sync_seconds(cluster, x, np.asarray(owner))
     return Breakdown(tokens, compute, *ports, a2a, sync, compute + a2a + sync)
@@ -162,6 +165,22 @@ def a2a_seconds(cluster: Cluster, remote: np.ndarray) -> tuple[tuple[np.ndarray,
     latency = A2A_PHASES * cluster.alpha.sum(axis=1)
     a2a = half * (np.maximum(si, ri) + np.maximum(si2, ri2) + np.maximum(so, ro) + np.maximum(so2, ro2)) + latency
     return (half * (si + si2), half * (ri + ri2), half * (so + so2), half * (ro + ro2)), a2a
+
+
+def class_a2a_seconds(cluster: Cluster, traffic: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """`a2a_seconds` on a cluster with one bandwidth per link class (`Cluster.uniform_inv_beta`),
+    from each device's tokens sent and received inside and across nodes (`routing.class_traffic`'s
+    `[4, G]`): the same numbers up to rounding, without the O(E * G^2) matrix (half an estimate's
+    cost at 256 experts on 64 devices). Each phase sees send and receive swapped, so both
+    directions' phases cost the larger of the two."""
+    ci, co = cluster.uniform_inv_beta
+    tb = cluster.expert.token_bytes
+    si, ri, so, ro = tb * ci * traffic[0], tb * ci * traffic[1], tb * co * traffic[2], tb * co * traffic[3]
+    half = A2A_PHASES / 2
+    latency = A2A_PHASES * cluster.alpha.sum(axis=1)
+    a2a = A2A_PHASES * (np.maximum(si, ri) + np.maximum(so, ro)) + latency
+    intra, inter = half * (si + ri), half * (so + ro)
+    return (intra, intra.copy(), inter, inter.copy()), a2a
 
 
 def sync_seconds(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray:

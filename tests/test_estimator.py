@@ -234,3 +234,36 @@ def test_route_hierarchical_properties(num_devices, num_experts, seed):
     # nothing crosses nodes that could have stayed: never more inter-node tokens than node-blind
     inter = nodes[:, None] != nodes[None, :]
     assert remote[inter].sum() <= flat[inter].sum() + 1e-6
+
+
+@pytest.mark.parametrize("nodes", [(0, 0, 0), (0, 0, 1, 1), (3, 3, 7, 7, 9, 9), (0,)])
+def test_one_bandwidth_per_class_gives_the_matrix_numbers(nodes, monkeypatch):
+    """On a cluster with one bandwidth per link class the estimate takes each device's class totals
+    (`class_a2a_seconds`); a pair that differs sends it back to the [src, dst] matrix. Either way
+    the numbers are the matrix's (up to rounding; to the bit on the matrix path)."""
+    from cost_models import estimator as estimator_module
+    from cost_models.estimator import a2a_seconds
+    rng = np.random.default_rng(len(nodes))
+    n = len(nodes)
+    odd = [({(0, n - 1): Link(alpha=0.01, beta=50.0)}, False)] if n > 1 else []
+    for pairs, uniform in [({}, True)] + odd:
+        c = cluster(nodes=nodes, pairs=pairs, a=[1.0] * n, b=[0.5] * n)
+        assert (c.uniform_inv_beta is not None) == uniform
+        for _ in range(5):
+            counts = rng.integers(0, 50, (n, 5)).astype(float)
+            x = rng.random((5, n)) < 0.4
+            x[np.arange(5), rng.integers(0, n, 5)] = True
+            share = x * rng.random((5, n))
+            share /= share.sum(axis=1, keepdims=True)
+            if uniform:  # no [src, dst] matrix is made
+                monkeypatch.setattr(estimator_module, "route", None)
+            b = estimate(c, counts, x, share)
+            monkeypatch.undo()
+            ports, a2a = a2a_seconds(c, route(counts, share, c.node_of)[1])
+            got = (b.a2a_send_intra, b.a2a_recv_intra, b.a2a_send_inter, b.a2a_recv_inter)
+            if uniform:
+                np.testing.assert_allclose(b.a2a, a2a, rtol=1e-12)
+                for u, v in zip(got, ports):
+                    np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-15)
+            else:
+                assert np.array_equal(b.a2a, a2a) and all(np.array_equal(u, v) for u, v in zip(got, ports))
