@@ -128,10 +128,13 @@ def sync_bytes(cluster: Cluster, x: np.ndarray, owner: np.ndarray) -> np.ndarray
 
 
 def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndarray,
-             owner: np.ndarray | None = None, sync: np.ndarray | None = None) -> Breakdown:
+             owner: np.ndarray | None = None, sync: np.ndarray | None = None,
+             traffic: np.ndarray | None = None) -> Breakdown:
     """Per-device breakdown of one layer's step. `counts[source, expert]` (any number of sources),
     `x[e, g]` replicas, `share[e, g]` token shares, `owner[e]` (None: no replica sync cost).
-    `sync`: `sync_seconds(cluster, x, owner)` if the caller has it (it does not depend on shares)."""
+    `sync`: `sync_seconds(cluster, x, owner)` if the caller has it (it does not depend on shares);
+    `traffic`: `class_traffic(counts, share, cluster.node_index)[1]` if the caller has it (used on
+    clusters with one bandwidth per link class)."""
     num_devices = cluster.num_devices
     x = np.asarray(x, dtype=bool)
     share = np.asarray(share, dtype=np.float64)
@@ -145,7 +148,9 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     tokens = tokens_eg.sum(axis=0)
     compute = cluster.compute_a * x.sum(axis=0) + cluster.compute_b * tokens
     if cluster.uniform_inv_beta is not None:  # one bandwidth per link class: each device's totals suffice
-        ports, a2a = class_a2a_seconds(cluster, class_traffic(counts, share, cluster.node_index)[1])
+        if traffic is None:
+            traffic = class_traffic(counts, share, cluster.node_index)[1]
+        ports, a2a = class_a2a_seconds(cluster, traffic)
     else:
         _, remote = route(counts, share, cluster.node_of)
         ports, a2a = a2a_seconds(cluster, remote)

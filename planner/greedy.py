@@ -21,8 +21,9 @@ import threading
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import (A2A_PHASES, SYNC_PHASES, cells, compute_makespan, estimate, node_replicas,
-                                   sync_seconds)
+from cost_models.estimator import (A2A_PHASES, SYNC_PHASES, cells, compute_makespan, estimate, fold_sources,
+                                   node_replicas, sync_seconds)
+from cost_models.routing import class_traffic
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
 from planner.score import clean_shares, device_floors, even_shares, floor_terms, migration_s, pick_owner, verdict
@@ -376,14 +377,16 @@ def judge(cluster: Cluster, counts, cands, current, interval):
     one computed only when it comes first: its compute time alone; then `score.device_floors`,
     compute and all-to-all (near exact, a fraction of an estimate); then those plus its sync and
     migration (their cost again, so a candidate whose traffic already rules it out is spared
-    them); then the estimate itself, so usually the winner alone is estimated. One whose bound
-    exceeds the best objective found cannot win: not estimated, its objective reads None."""
+    them); then the estimate itself (on the floor's class traffic), so usually the winner alone is
+    estimated. One whose bound exceeds the best objective found cannot win: not estimated, its
+    objective reads None."""
     heap = [(compute_makespan(cluster, counts, x, s), 0, i) for i, (_, x, s, _) in enumerate(cands)]
     heapq.heapify(heap)
     best, objs, found = (np.inf, len(cands)), {}, None
     same = {}  # by (x, owner): candidates that differ only in shares share migration and sync
-    shares, floors = {}, {}  # by candidate: cleaned shares, per-device floors without sync
+    shares, floors, traffic = {}, {}, {}  # by candidate: cleaned shares, floors without sync, class traffic
     terms = floor_terms(cluster)
+    folded = fold_sources(counts, cluster.num_devices)
     while heap:
         bound, level, i = heapq.heappop(heap)
         if bound > best[0] * (1 + PRUNE_MARGIN):
@@ -391,7 +394,8 @@ def judge(cluster: Cluster, counts, cands, current, interval):
         name, x, s, o = cands[i]
         if level == 0:
             shares[i] = clean_shares(x, s)
-            floors[i] = device_floors(cluster, counts, x, shares[i], terms)
+            traffic[i] = class_traffic(folded, shares[i], cluster.node_index)
+            floors[i] = device_floors(cluster, counts, x, shares[i], terms, traffic[i])
             heapq.heappush(heap, (float(floors[i].max()), 1, i))  # sync and migration are >= 0
             continue
         o = np.asarray(o)
@@ -402,7 +406,7 @@ def judge(cluster: Cluster, counts, cands, current, interval):
         if level == 1:
             heapq.heappush(heap, (float((floors[i] + sync).max()) + mig, 2, i))
             continue
-        v = verdict(cluster, counts, x, shares[i], o, current, interval, mig, sync)
+        v = verdict(cluster, counts, x, shares[i], o, current, interval, mig, sync, traffic[i][1])
         objs[name] = v.objective
         if (v.objective, i) < best:
             best, found = (v.objective, i), v

@@ -72,13 +72,13 @@ def objective(cluster: Cluster, counts, x, share, owner, current, interval) -> f
 
 
 def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migration: float | None = None,
-            sync: np.ndarray | None = None) -> Verdict:
+            sync: np.ndarray | None = None, traffic: np.ndarray | None = None) -> Verdict:
     """`objective`'s numbers, kept for `finish`; `migration` (`migration_s`) and `sync` (the
     estimate's sync seconds) of this `x` and `owner` if the caller has them already (neither
-    depends on the shares)."""
+    depends on the shares), and `traffic` (`estimate`'s) of these shares."""
     if migration is None:
         migration = migration_s(cluster, current, x, owner, interval)
-    return Verdict(share, owner, estimate(cluster, counts, x, share, owner, sync), migration)
+    return Verdict(share, owner, estimate(cluster, counts, x, share, owner, sync, traffic), migration)
 
 
 def floor_terms(cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,15 +89,17 @@ def floor_terms(cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return unit * ci, unit * co, bounds.latency(cluster)
 
 
-def device_floors(cluster: Cluster, counts, x, share, terms=None) -> np.ndarray:
+def device_floors(cluster: Cluster, counts, x, share, terms=None, traffic=None) -> np.ndarray:
     """Per device, a lower bound on its estimated step without the replica sync, from the tokens
     it sends and receives inside and across nodes (`routing.class_traffic`, O(E * G)) at its
     cheapest link of each class, with the estimate's own compute: with each device's sync added,
     equal to the estimate, up to rounding, where each link class has one bandwidth. `terms`:
-    `floor_terms(cluster)`, if the caller has them."""
+    `floor_terms(cluster)`, and `traffic`: `class_traffic`'s (served, [4, G]), if the caller has
+    them."""
     ci, co, lat = floor_terms(cluster) if terms is None else terms
-    tokens, (send_i, recv_i, send_o, recv_o) = class_traffic(fold_sources(counts, cluster.num_devices), share,
-                                                             cluster.node_index)
+    if traffic is None:
+        traffic = class_traffic(fold_sources(counts, cluster.num_devices), share, cluster.node_index)
+    tokens, (send_i, recv_i, send_o, recv_o) = traffic
     a2a = np.maximum(send_i, recv_i) * ci + np.maximum(send_o, recv_o) * co
     return cluster.compute_a * np.asarray(x, bool).sum(axis=0) + cluster.compute_b * tokens + a2a + lat
 
