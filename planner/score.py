@@ -75,7 +75,8 @@ def verdict(cluster: Cluster, counts, x, share, owner, current, interval, migrat
             sync: np.ndarray | None = None, traffic: np.ndarray | None = None) -> Verdict:
     """`objective`'s numbers, kept for `finish`; `migration` (`migration_s`) and `sync` (the
     estimate's sync seconds) of this `x` and `owner` if the caller has them already (neither
-    depends on the shares), and `traffic` (`estimate`'s) of these shares."""
+    depends on the shares), and `traffic`, `class_traffic`'s `[4, G]` of these shares (for
+    `estimate`)."""
     if migration is None:
         migration = migration_s(cluster, current, x, owner, interval)
     return Verdict(share, owner, estimate(cluster, counts, x, share, owner, sync, traffic), migration)
@@ -102,13 +103,6 @@ def device_floors(cluster: Cluster, counts, x, share, terms=None, traffic=None) 
     tokens, (send_i, recv_i, send_o, recv_o) = traffic
     a2a = np.maximum(send_i, recv_i) * ci + np.maximum(send_o, recv_o) * co
     return cluster.compute_a * np.asarray(x, bool).sum(axis=0) + cluster.compute_b * tokens + a2a + lat
-
-
-def step_floor(cluster: Cluster, counts, x, share, sync: np.ndarray, terms=None) -> float:
-    """A lower bound on `estimate(...).step_time` for this placement: `device_floors` plus `sync`
-    (the estimate's sync seconds). A fraction of an estimate's cost: judges estimate only what
-    this says could win."""
-    return float((device_floors(cluster, counts, x, share, terms) + sync).max())
 
 
 def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: LayerPlan | None) -> np.ndarray:

@@ -70,14 +70,14 @@ def _loads(seed, trials):
         yield cluster, exact, rng, [spread(rng.integers(0, 2000, 7), 6, seed=t).astype(float) for t in range(trials)]
 
 
-def test_step_floor_bounds_the_estimate_and_equals_it_with_one_bandwidth_per_class():
+def test_device_floors_bound_the_estimate_and_equal_it_with_one_bandwidth_per_class():
     for cluster, exact, rng, loads in _loads(4, 30):
         gaps = []
         for counts in loads:
             for _, x, share, owner in _random_candidates(cluster, 7, rng, 2):
                 share = score.clean_shares(x, share)
                 est = score.estimate(cluster, counts, x, share, owner)
-                floor = score.step_floor(cluster, counts, x, share, est.sync)
+                floor = float((score.device_floors(cluster, counts, x, share) + est.sync).max())
                 assert floor <= est.step_time * (1 + 1e-12)
                 gaps.append(est.step_time / floor - 1)
         # the slow pairs make some floors loose, never invalid
