@@ -150,12 +150,14 @@ def balance_shares(x: np.ndarray, load: np.ndarray, a: np.ndarray, b: np.ndarray
     multi = [e for e in np.argsort(-load, kind="stable").tolist() if reps[e] > 1 and load[e] > 0]
     devs = {e: np.flatnonzero(x[e]).tolist() for e in multi}
     ys = {e: y[e, devs[e]].tolist() for e in multi}
+    bds = {e: [bl[g] for g in devs[e]] for e in multi}
+    amounts = {e: float(load[e]) for e in multi}
     for _ in range(rounds):
         for e in multi:
-            bd = [bl[g] for g in devs[e]]
-            rest = [t[g] - bg * yg for g, bg, yg in zip(devs[e], bd, ys[e])]
-            ys[e] = _water(rest, bd, float(load[e]))
-            for g, r, bg, yg in zip(devs[e], rest, bd, ys[e]):
+            dv, bd = devs[e], bds[e]
+            rest = [t[g] - bg * yg for g, bg, yg in zip(dv, bd, ys[e])]
+            ys[e] = _water(rest, bd, amounts[e])
+            for g, r, bg, yg in zip(dv, rest, bd, ys[e]):
                 t[g] = r + bg * yg
     for e in multi:
         y[e, devs[e]] = ys[e]
@@ -164,7 +166,40 @@ def balance_shares(x: np.ndarray, load: np.ndarray, a: np.ndarray, b: np.ndarray
 
 def _water(base, b, amount: float) -> list:
     """Pour `amount` tokens over devices at times `base` (seconds per token `b`) to a common level:
-    the tokens per device, a list. Sequences of Python floats in and out (a few devices)."""
+    the tokens per device, a list. Sequences of Python floats in and out (a few devices). Under
+    eight devices every sum is plain left to right (as `_sum` adds so few), written out in loops:
+    the same numbers at half the cost (refine levels shares for every candidate)."""
+    n = len(base)
+    if n >= 8:
+        return _water_sums(base, b, amount)
+    order = sorted(range(n), key=base.__getitem__)  # stable, as argsort(kind="stable")
+    bs, ws = [base[i] for i in order], [1.0 / b[i] for i in order]
+    for j in range(n):
+        if j + 1 < n:  # raise the level over the first j+1 devices until it reaches the next one's base
+            top, cap = bs[j + 1], 0.0
+            for k in range(j + 1):
+                cap += (top - bs[k]) * ws[k]
+            if cap < amount:
+                continue
+        sb = sw = 0.0
+        for k in range(j + 1):
+            sb += bs[k] * ws[k]
+        for k in range(j + 1):
+            sw += ws[k]
+        level = (amount + sb) / sw
+        break
+    out = [0.0] * n
+    for k, i in enumerate(order):
+        v = (level - bs[k]) * ws[k]
+        out[i] = 0.0 if 0.0 > v else v  # max(v, 0.0), to the sign of a zero
+    s = 0.0
+    for v in out:
+        s += v
+    return [v * (amount / s) for v in out] if s > 0 else out
+
+
+def _water_sums(base, b, amount: float) -> list:
+    """`_water` with numpy's summation order (`_sum`), for eight devices or more."""
     order = sorted(range(len(base)), key=base.__getitem__)  # stable, as argsort(kind="stable")
     bs, ws = [base[i] for i in order], [1.0 / b[i] for i in order]
     n, level = len(bs), bs[0]

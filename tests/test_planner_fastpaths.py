@@ -244,3 +244,18 @@ def test_a_plans_terms_array_serves_the_next_plan_and_never_two_states_at_once()
     assert np.array_equal(a.terms_e, b.terms_e)
     again = greedy.greedy(c, counts)  # with a fresh array (a holds the handed one)
     assert all(np.array_equal(u, v) for u, v in zip(first[:3], again[:3]))
+
+
+def test_water_under_eight_devices_equals_the_general_form_to_the_bit():
+    """`construct._water` writes its sums out for fewer than eight devices; `_water_sums` adds as
+    numpy does: the same tokens to the last bit (the sign of a zero included)."""
+    rng = np.random.default_rng(4)
+    for case in range(3000):
+        n = int(rng.integers(1, 8))
+        base = (rng.random(n) * rng.choice([1e-3, 1.0])).tolist()
+        if case % 5 == 0:
+            base = [base[0]] * n  # ties
+        b = (rng.random(n) * 1e-6 + 1e-9).tolist()
+        amount = float(rng.integers(0, 100000)) if case % 7 else 0.0
+        got, want = construct._water(base, b, amount), construct._water_sums(base, b, amount)
+        assert _bits(got).tolist() == _bits(want).tolist()
