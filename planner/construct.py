@@ -166,53 +166,46 @@ def balance_shares(x: np.ndarray, load: np.ndarray, a: np.ndarray, b: np.ndarray
 
 def _water(base, b, amount: float) -> list:
     """Pour `amount` tokens over devices at times `base` (seconds per token `b`) to a common level:
-    the tokens per device, a list. Sequences of Python floats in and out (a few devices). Under
-    eight devices every sum is plain left to right (as `_sum` adds so few), written out in loops:
-    the same numbers at half the cost (refine levels shares for every candidate)."""
+    the tokens per device, a list. Sequences of Python floats in and out (a few devices). Each sum
+    adds as `_sum` does, written out left to right where it has fewer than eight terms (as `_sum`
+    then adds): refine levels shares for every candidate, and lists and calls cost more than the
+    arithmetic."""
     n = len(base)
-    if n >= 8:
-        return _water_sums(base, b, amount)
     order = sorted(range(n), key=base.__getitem__)  # stable, as argsort(kind="stable")
     bs, ws = [base[i] for i in order], [1.0 / b[i] for i in order]
+    level = bs[0]
     for j in range(n):
-        if j + 1 < n:  # raise the level over the first j+1 devices until it reaches the next one's base
-            top, cap = bs[j + 1], 0.0
-            for k in range(j + 1):
+        m = j + 1  # raise the level over the first m devices until it reaches the next one's base
+        if m == n:
+            cap = np.inf
+        elif m < 8:
+            top, cap = bs[m], 0.0
+            for k in range(m):
                 cap += (top - bs[k]) * ws[k]
-            if cap < amount:
-                continue
-        sb = sw = 0.0
-        for k in range(j + 1):
-            sb += bs[k] * ws[k]
-        for k in range(j + 1):
-            sw += ws[k]
+        else:
+            cap = _sum([(bs[m] - bs[k]) * ws[k] for k in range(m)])
+        if not cap >= amount:
+            continue
+        if m < 8:
+            sb = sw = 0.0
+            for k in range(m):
+                sb += bs[k] * ws[k]
+            for k in range(m):
+                sw += ws[k]
+        else:
+            sb, sw = _sum([bs[k] * ws[k] for k in range(m)]), _sum(ws[:m])
         level = (amount + sb) / sw
         break
     out = [0.0] * n
     for k, i in enumerate(order):
         v = (level - bs[k]) * ws[k]
         out[i] = 0.0 if 0.0 > v else v  # max(v, 0.0), to the sign of a zero
-    s = 0.0
-    for v in out:
-        s += v
-    return [v * (amount / s) for v in out] if s > 0 else out
-
-
-def _water_sums(base, b, amount: float) -> list:
-    """`_water` with numpy's summation order (`_sum`), for eight devices or more."""
-    order = sorted(range(len(base)), key=base.__getitem__)  # stable, as argsort(kind="stable")
-    bs, ws = [base[i] for i in order], [1.0 / b[i] for i in order]
-    n, level = len(bs), bs[0]
-    for j in range(n):
-        # raise the level over the first j+1 devices until it reaches the next device's base
-        cap = _sum([(bs[j + 1] - bs[k]) * ws[k] for k in range(j + 1)]) if j + 1 < n else np.inf
-        if cap >= amount:
-            level = (amount + _sum([bs[k] * ws[k] for k in range(j + 1)])) / _sum(ws[:j + 1])
-            break
-    out = [0.0] * n
-    for k, i in enumerate(order):
-        out[i] = max((level - bs[k]) * ws[k], 0.0)
-    s = _sum(out)
+    if n < 8:
+        s = 0.0
+        for v in out:
+            s += v
+    else:
+        s = _sum(out)
     return [v * (amount / s) for v in out] if s > 0 else out
 
 
