@@ -153,7 +153,7 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
         D = onehot.T @ counts  # [K, E] node demand
         slots = onehot.T @ cluster.slots
         Ds = _largest(D, int(slots.max()))
-        KN = np.array([Ds[n, :int(slots[n])].sum() for n in range(nodes)])
+        KN = (Ds * (np.arange(Ds.shape[1])[None, :] < slots[:, None])).sum(axis=1)
         # a node's devices' total time: sum_g (T - lat_g) >= b Y + 4 tb co max(out, in); co is each
         # node's cheapest inter-node link
         con = np.full(nodes, np.inf)

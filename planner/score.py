@@ -12,7 +12,8 @@ from typing import NamedTuple
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, Breakdown, estimate, fold_sources, lower_bound, migration_seconds
+from cost_models.estimator import (A2A_PHASES, Breakdown, estimate, fold_sources, lower_bound, migration_seconds,
+                                   node_replicas)
 from cost_models.files import InputError
 from cost_models.routing import class_traffic
 from planner import bounds
@@ -115,7 +116,7 @@ def pick_owner(cluster: Cluster, x: np.ndarray, share: np.ndarray, current: Laye
     if current is not None:
         keep = x[np.arange(x.shape[0]), current.owner]
         owner[keep], todo = current.owner[keep], ~keep
-    same = np.take(x @ cluster.node_onehot, cluster.node_index, axis=1)  # replicas of each expert on each device's node
+    same = np.take(node_replicas(cluster, x), cluster.node_index, axis=1)  # replicas of each expert on each device's node
     key = np.where(x, same * 10.0 + share, -np.inf)
     owner[todo] = np.argmax(key[todo], axis=1)
     return owner
