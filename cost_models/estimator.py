@@ -159,6 +159,11 @@ def estimate(cluster: Cluster, counts: np.ndarray, x: np.ndarray, share: np.ndar
     return Breakdown(tokens, compute, *ports, a2a, sync, compute + a2a + sync)
 
 
+def a2a_latency(cluster: Cluster) -> np.ndarray:
+    """Per-device all-to-all latency, seconds: one per peer per phase, whatever the placement."""
+    return A2A_PHASES * cluster.alpha.sum(axis=1)
+
+
 def a2a_seconds(cluster: Cluster, remote: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """The all-to-all's cost per device for `remote[src, dst]` tokens: ((send intra, recv intra,
     send inter, recv inter) seconds over the four phases, total seconds with latency)."""
@@ -167,8 +172,7 @@ def a2a_seconds(cluster: Cluster, remote: np.ndarray) -> tuple[tuple[np.ndarray,
     # Phases alternate direction (dispatch out, combine back), so each sees send and receive swapped.
     si2, ri2, so2, ro2 = port_time(cluster, a2a_bytes.T)
     half = A2A_PHASES / 2
-    latency = A2A_PHASES * cluster.alpha.sum(axis=1)
-    a2a = half * (np.maximum(si, ri) + np.maximum(si2, ri2) + np.maximum(so, ro) + np.maximum(so2, ro2)) + latency
+    a2a = half * (np.maximum(si, ri) + np.maximum(si2, ri2) + np.maximum(so, ro) + np.maximum(so2, ro2)) + a2a_latency(cluster)
     return (half * (si + si2), half * (ri + ri2), half * (so + so2), half * (ro + ro2)), a2a
 
 
@@ -182,8 +186,7 @@ def class_a2a_seconds(cluster: Cluster, traffic: np.ndarray) -> tuple[tuple[np.n
     tb = cluster.expert.token_bytes
     si, ri, so, ro = tb * ci * traffic[0], tb * ci * traffic[1], tb * co * traffic[2], tb * co * traffic[3]
     half = A2A_PHASES / 2
-    latency = A2A_PHASES * cluster.alpha.sum(axis=1)
-    a2a = A2A_PHASES * (np.maximum(si, ri) + np.maximum(so, ro)) + latency
+    a2a = A2A_PHASES * (np.maximum(si, ri) + np.maximum(so, ro)) + a2a_latency(cluster)
     intra, inter = half * (si + ri), half * (so + ro)
     return (intra, intra.copy(), inter, inter.copy()), a2a
 

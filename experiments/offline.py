@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from cost_models.estimator import estimate
+from cost_models.estimator import a2a_latency, estimate
 from planner import bounds
 from planner.construct import from_nodes, spread_owners
 from planner.layout import layout
@@ -336,7 +336,7 @@ def term_means(cluster, counts, x, share, owner, current, interval: int) -> dict
     """A plan's step split by term, seconds per device averaged over the cluster (the keys of
     `planner.bounds.NodeRelaxation.terms`; `step`: the slowest device, as the objective has it)."""
     est = estimate(cluster, counts, x, share, owner)
-    lat = bounds.latency(cluster)
+    lat = a2a_latency(cluster)
     return {"compute": float(est.compute.mean()), "a2a": float((est.a2a - lat).mean()), "sync": float(est.sync.mean()),
             "latency": float(lat.mean()), "step": est.step_time,
             "migration": migration_s(cluster, current, x, owner, interval)}

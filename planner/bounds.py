@@ -29,14 +29,9 @@ from typing import NamedTuple
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, SYNC_PHASES, fold_sources, lower_bound
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES, a2a_latency, fold_sources, lower_bound
 
 SAFETY = 1e-6  # relative: a solver's bound is shaved by this, for its tolerances
-
-
-def latency(cluster: Cluster) -> np.ndarray:
-    """Per-device all-to-all latency, seconds: one per peer per phase, whatever the placement."""
-    return A2A_PHASES * cluster.alpha.sum(axis=1)
 
 
 def compute_bound(cluster: Cluster, counts: np.ndarray) -> float:
@@ -44,7 +39,7 @@ def compute_bound(cluster: Cluster, counts: np.ndarray) -> float:
     sum_g (T - lat_g) / b_g >= tokens + experts * min(a/b)."""
     counts = np.asarray(counts, dtype=np.float64)
     a, b = cluster.compute_a, cluster.compute_b
-    lat = latency(cluster)
+    lat = a2a_latency(cluster)
     base = lower_bound(cluster, counts)
     # T >= lat_g on every device too; the balance with latency is the larger when all pay it
     with_lat = (counts.sum() + counts.shape[1] * (a / b).min() + (lat / b).sum()) / (1.0 / b).sum()
@@ -138,7 +133,7 @@ def traffic_bound(cluster: Cluster, counts: np.ndarray) -> float:
     its outflow, however its devices share them)."""
     counts = fold_sources(counts, cluster.num_devices)
     G = cluster.num_devices
-    b, lat = cluster.compute_b, latency(cluster)
+    b, lat = cluster.compute_b, a2a_latency(cluster)
     co = cluster.cheapest_inv_beta[1]
     unit = A2A_PHASES * cluster.expert.token_bytes
     c = _cheapest(cluster)
@@ -191,7 +186,7 @@ def _replica_caps(cluster: Cluster, upper: float | None, U: float) -> np.ndarray
     """Blocks one replica on each device can serve within `upper` seconds (inf without it)."""
     if upper is None:
         return np.full(cluster.num_devices, np.inf)
-    return np.maximum((upper - latency(cluster) - cluster.compute_a) / cluster.compute_b, 0.0) / U
+    return np.maximum((upper - a2a_latency(cluster) - cluster.compute_a) / cluster.compute_b, 0.0) / U
 
 
 def finite_class_costs(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +340,7 @@ class Relaxation:
         """T >= each device's compute + all-to-all + sync + latency; per phase and link class the
         larger of send and receive, at the device's cheapest link of the class."""
         s, G, E, U, tau, cl = self.solver, self.G, self.E, self.U, self.tau, self.cluster
-        a, b, lat = cl.compute_a, cl.compute_b, latency(cl)
+        a, b, lat = cl.compute_a, cl.compute_b, a2a_latency(cl)
         ci, co = finite_class_costs(cl)
         tb, P = cl.expert.token_bytes, cl.expert.param_bytes
         P_i, P_o = SYNC_PHASES * P * ci / tau, SYNC_PHASES * P * co / tau
@@ -490,7 +485,7 @@ class NodeRelaxation:
     def _node_data(self) -> None:
         """Per node, in the relaxation's units: devices, demand, slots, link costs, caps."""
         cl, U, tau, K = self.cluster, self.U, self.tau, self.K
-        a, b, lat = cl.compute_a, cl.compute_b, latency(cl)
+        a, b, lat = cl.compute_a, cl.compute_b, a2a_latency(cl)
         self.c = c = self.counts.T / U
         self.L = c.sum(axis=1)
         self.devs = devs = [np.flatnonzero(self.node == k) for k in range(K)]
@@ -651,7 +646,7 @@ class NodeRelaxation:
     def _node_time(self, k: int, T) -> None:
         """Node k's devices' time summed covers its latency, compute, all-to-all and sync."""
         s, E, cl, d, tau = self.solver, self.E, self.cluster, self.devs[k], self.tau
-        lat = latency(cl)
+        lat = a2a_latency(cl)
         s.Add(sum(self.n[e][k] for e in range(E)) <= int(self.slots[k]))
         nk = sum(self.n[e][k] for e in range(E))
         Yk = sum(self.Y[e][k] for e in range(E))
@@ -753,5 +748,5 @@ class NodeRelaxation:
                    for d, (n, Y, _, _) in zip(self.devs, self.parts))
         return {"compute": comp / G, "a2a": sum(val(A) for _, _, A, _ in self.parts) * tau / G,
                 "sync": sum(val(S) for _, _, _, S in self.parts) * tau / G,
-                "latency": float(latency(cl).mean()), "step": val(self.T) * tau,
+                "latency": float(a2a_latency(cl).mean()), "step": val(self.T) * tau,
                 "migration": (val(self.mig) * tau / self.interval) if self.mig is not None else 0.0}

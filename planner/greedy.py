@@ -21,8 +21,8 @@ import threading
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import (A2A_PHASES, SYNC_PHASES, cells, compute_makespan, estimate, fold_sources,
-                                   node_replicas, sync_seconds)
+from cost_models.estimator import (A2A_PHASES, SYNC_PHASES, a2a_latency, cells, compute_makespan, estimate,
+                                   fold_sources, node_replicas, sync_seconds)
 from cost_models.routing import class_traffic
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
@@ -76,7 +76,7 @@ class _State:
         self.node, self.num_nodes = cluster.node_index, cluster.num_nodes
         self.onehot = cluster.node_onehot  # [G, nodes]
         tb = cluster.expert.token_bytes
-        self.lat = A2A_PHASES * cluster.alpha.sum(axis=1)
+        self.lat = a2a_latency(cluster)
         self.inv_intra = _intra(cluster)
         # seconds per token over all the phases (times a power of two: the same numbers as
         # multiplying the sums by the phases afterwards)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import A2A_PHASES, SYNC_PHASES, fold_sources
-from planner.bounds import finite_class_costs, latency
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES, a2a_latency, fold_sources
+from planner.bounds import finite_class_costs
 from planner.construct import node_counts
 from planner.score import clean_shares
 
@@ -62,7 +62,7 @@ def _node(cluster: Cluster, counts, n, owner_node, tokens, k: int, seconds: floa
     remote = n[ex].sum(axis=1) - nk  # followers on other nodes
     c = counts[np.ix_(devs, ex)]  # [devices, experts] own tokens
     tau = max(float(cluster.compute_b.max() * Y.sum()) / m, 1e-12) / 1000  # time unit: 1/1000 of a device's share
-    a, b, lat = (np.asarray(v)[devs] / tau for v in (cluster.compute_a, cluster.compute_b, latency(cluster)))
+    a, b, lat = (np.asarray(v)[devs] / tau for v in (cluster.compute_a, cluster.compute_b, a2a_latency(cluster)))
     intra, inter = (float(v[devs].min()) for v in finite_class_costs(cluster))  # the node's cheapest links
     tb, P = cluster.expert.token_bytes, cluster.expert.param_bytes
     ki, ko = A2A_PHASES * tb * intra / tau, A2A_PHASES * tb * inter / tau

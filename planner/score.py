@@ -12,8 +12,8 @@ from typing import NamedTuple
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import (A2A_PHASES, Breakdown, estimate, fold_sources, lower_bound, migration_seconds,
-                                   node_replicas)
+from cost_models.estimator import (A2A_PHASES, Breakdown, a2a_latency, estimate, fold_sources, lower_bound,
+                                   migration_seconds, node_replicas)
 from cost_models.files import InputError
 from cost_models.routing import class_traffic
 from planner import bounds
@@ -88,7 +88,7 @@ def floor_terms(cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     its cheapest link of each class (0 where it has none), and its all-to-all latency."""
     ci, co = bounds.finite_class_costs(cluster)
     unit = A2A_PHASES * cluster.expert.token_bytes
-    return unit * ci, unit * co, bounds.latency(cluster)
+    return unit * ci, unit * co, a2a_latency(cluster)
 
 
 def device_floors(cluster: Cluster, counts, x, share, terms=None, traffic=None) -> np.ndarray:
