@@ -194,6 +194,11 @@ class Cluster:
         return self.node_of[:, None] != self.node_of[None, :]
 
     @cached_property
+    def intra_mask(self) -> np.ndarray:
+        """[G, G] True where two different devices share a node."""
+        return ~self.inter_mask & ~np.eye(self.num_devices, dtype=bool)
+
+    @cached_property
     def class_inv_beta(self) -> np.ndarray:
         """[2, G, G] `inv_beta` where the pair is inside one node (first) or crosses nodes (second),
         else 0: bytes times these are seconds split by link class (a 0/1 mask times inv_beta is
@@ -209,10 +214,8 @@ class Cluster:
         the same bandwidth (presets and other nominal clusters; 0.0 for a class with no pairs),
         else None (profiled clusters): then a device's link time per class is its bytes times
         one number, and the estimator needs no [src, dst] matrix."""
-        inter = self.inter_mask
-        intra = ~inter & ~np.eye(self.num_devices, dtype=bool)
         costs = []
-        for mask in (intra, inter):
+        for mask in (self.intra_mask, self.inter_mask):
             values = np.unique(self.inv_beta[mask])
             if len(values) > 1:
                 return None
@@ -225,9 +228,8 @@ class Cluster:
         node and across nodes (inf where it has none): what the bounds charge each byte. Cached:
         judges and bounds ask for it on every plan, and it scans the [G, G] matrix. Read-only."""
         invb = np.minimum(self.inv_beta, self.inv_beta.T)
-        inter = self.inter_mask
-        intra = ~inter & ~np.eye(self.num_devices, dtype=bool)
-        out = np.where(intra, invb, np.inf).min(axis=1), np.where(inter, invb, np.inf).min(axis=1)
+        out = (np.where(self.intra_mask, invb, np.inf).min(axis=1),
+               np.where(self.inter_mask, invb, np.inf).min(axis=1))
         for a in out:
             a.flags.writeable = False
         return out
