@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from cost_models.cluster import Cluster
-from cost_models.estimator import SYNC_PHASES
+from cost_models.estimator import A2A_PHASES, SYNC_PHASES
 
 SEARCH_STEPS = 40
 SEARCH_TOLERANCE = 1e-3  # relative: a finer target changes no placement that matters
@@ -289,6 +289,82 @@ def hierarchical(cluster: Cluster, counts: np.ndarray, extras=None) -> list[tupl
                          x / np.maximum(x.sum(axis=1, keepdims=True), 1))
         out.append((f"nodes+{int(extra)}", x, share))
     return out
+
+
+def demand_split(cluster: Cluster, counts: np.ndarray, units: float):
+    """A node-level plan that serves each node's demand of an expert on that node where the tokens
+    would otherwise cost more to send across than replica sync does: (replicas[e, k], owner_node[e],
+    tokens[e, k]), the inputs of `from_nodes` and `refine.realise`.
+
+    An expert is hosted on every node whose own sources route it at least `units` weight syncs'
+    worth of tokens (a token crossing costs `A2A_PHASES * token_bytes` there, a follower's sync
+    `SYNC_PHASES * param_bytes`), and each hosting node serves its own demand (the demand of nodes
+    without a replica goes to its hosts in proportion to theirs). The other experts get one home,
+    heaviest first onto the node with the least work per speed among those with hostings left
+    (hostings per node in proportion to its slots). A node's slots beyond one per hosted expert go
+    to its experts with the most tokens per replica. Owner nodes of the experts served on several
+    nodes are chosen, most replicas first, to keep the busiest node's inter-node sync (the larger
+    of the followers it hosts and the remote followers of the experts it owns) lowest: realised
+    devices can then pair an owner's receipts with a follower's sends. None if the hostings do not
+    fit the nodes' slots."""
+    counts = np.asarray(counts, dtype=np.float64)
+    node, K = cluster.node_index, cluster.num_nodes
+    load = counts.sum(axis=0)
+    E = len(load)
+    onehot = cluster.node_onehot
+    demand = counts.T @ onehot  # [E, K]
+    node_slots = (cluster.slots @ onehot).astype(np.int64)
+    devices = onehot.sum(axis=0).astype(np.int64)
+    speed = (1.0 / cluster.compute_b) @ onehot
+    worth = units * SYNC_PHASES * cluster.expert.param_bytes / (A2A_PHASES * cluster.expert.token_bytes)
+    host = demand >= max(worth, 1e-12)
+    host[host.sum(axis=1) < 2] = False  # one hosting node: a single home, placed below
+    # more hostings than slots: the splits worth least go first
+    for i in np.argsort(np.where(host, demand, np.inf), axis=None, kind="stable"):
+        if host.sum() + (~host.any(axis=1)).sum() <= node_slots.sum():
+            break
+        e = int(i) // K
+        host[e] = False  # an expert left with one hosting node is no longer split
+    split = host.any(axis=1)
+    budget = _budgets(node_slots, int(host.sum() + (~split).sum()))
+    if budget is None:
+        return None
+    tokens = np.where(host, demand, 0.0)
+    served = tokens.sum(axis=1)
+    tokens *= 1.0 + np.divide(load - served, served, out=np.zeros(E), where=served > 0)[:, None]
+    work = tokens.sum(axis=0)
+    for e in np.argsort(-load, kind="stable"):
+        if split[e]:
+            continue
+        room = host.sum(axis=0) < budget
+        if not room.any():
+            return None
+        k = int(np.argmin(np.where(room, work / speed - 1e-12 * demand[e], np.inf)))
+        host[e, k], tokens[e, k] = True, load[e]
+        work[k] += load[e]
+    if (host.sum(axis=0) > node_slots).any():
+        return None
+    n = host.astype(np.int64)
+    for k in range(K):
+        for _ in range(int(node_slots[k] - n[:, k].sum())):
+            per = np.where(n[:, k] < devices[k], tokens[:, k] / np.maximum(n[:, k], 1), -1.0)
+            e = int(np.argmax(per))
+            if per[e] <= 0:
+                break
+            n[e, k] += 1
+    owner_node = np.argmax(host, axis=1)
+    hosted, owed = np.zeros(K), np.zeros(K)  # per node: followers hosted / remote followers owed
+    for e in sorted(np.flatnonzero(split).tolist(), key=lambda e: (-int(n[e].sum()), e)):
+        best = None
+        for k in np.flatnonzero(host[e]).tolist():
+            h, o = hosted + n[e], owed.copy()
+            h[k] -= n[e, k]
+            o[k] += n[e].sum() - n[e, k]
+            worst = float(np.maximum(h, o).max())
+            if best is None or worst < best[0]:
+                best = (worst, k, h, o)
+        _, owner_node[e], hosted, owed = best
+    return n, owner_node, tokens
 
 
 def _budgets(node_slots: np.ndarray, hostings: int):

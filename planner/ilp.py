@@ -43,7 +43,7 @@ from planner.baselines import eplb
 from planner.construct import hierarchical, mcnaughton, spread_owners
 from planner.greedy import greedy
 from planner.plan import LayerPlan
-from planner.refine import refine
+from planner.refine import refine, split_plans
 from planner.score import clean_shares, objective, pick_owner
 
 BLOCKS = 1000  # token blocks per layer
@@ -350,9 +350,10 @@ def _gap(obj, bound):
 
 
 def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int, extra=()):
-    """Candidate warm starts, best first by the estimator: greedy, EPLB, wrap-around, and the
-    node-aware constructions where the greedy did not already weigh them; `extra`: more
-    (name, x, share, owner) candidates (the offline mode's)."""
+    """Candidate warm starts, best first by the estimator: greedy, EPLB, wrap-around, the
+    node-aware constructions where the greedy did not already weigh them, and on several nodes
+    (layers solved whole) `refine.split_plans`; `extra`: more (name, x, share, owner) candidates
+    (the offline mode's)."""
     load = counts.sum(axis=0)
     gx, gs, go, ginfo = greedy(cluster, counts, current, interval=interval)
     cands = [("greedy", gx, gs, go)]
@@ -366,6 +367,8 @@ def hints(cluster: Cluster, counts, current: LayerPlan | None, interval: int, ex
             own = pick_owner(cluster, hx, hs, current)
             base = estimate(cluster, counts, hx, hs).total
             cands += [(name, hx, hs, own), (name + "/owners", hx, hs, spread_owners(cluster, hx, base, own))]
+    if cluster.num_nodes > 1 and counts.shape[1] * cluster.num_devices <= MAX_CELLS:
+        cands += split_plans(cluster, counts)
     scored = sorted(((objective(cluster, counts, x, s, o, current, interval), i) for i, (_, x, s, o) in
                      enumerate(cands)))
     return [(cands[i], obj) for obj, i in scored], ginfo

@@ -60,6 +60,26 @@ def test_node_aware_constructions_are_valid_placements(nodes, per_node, slots, d
         np.testing.assert_allclose(share.sum(axis=1), 1.0)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(2, 3), st.integers(1, 3), st.integers(1, 3), st.sampled_from([0.0, 0.25, 1.0, 1e9]), st.data())
+def test_demand_split_node_plans_fit_and_serve_every_token(nodes, per_node, slots, units, data):
+    from planner.construct import demand_split
+    c = make_cluster(nodes, per_node, slots, a=1e-5, fast=False)
+    G = nodes * per_node
+    E = data.draw(st.integers(1, G * slots))
+    counts = np.array(data.draw(st.lists(st.integers(0, 3000), min_size=G * E, max_size=G * E))).reshape(G, E)
+    made = demand_split(c, counts, units)
+    if made is None:  # only when one home per expert does not fit a node's hostings
+        return
+    n, owner_node, tokens = made
+    node_slots = c.slots @ c.node_onehot
+    assert (n.sum(axis=0) <= node_slots).all() and (n <= per_node).all()
+    assert (n[np.arange(E), owner_node] >= 1).all() and ((tokens > 0) <= (n > 0)).all()
+    np.testing.assert_allclose(tokens.sum(axis=1), counts.sum(axis=0), rtol=1e-12, atol=1e-9)
+    if units >= 1e9:  # nothing is worth a sync: one node per expert
+        assert ((n > 0).sum(axis=1) == 1).all()
+
+
 def test_greedy_incremental_state_matches_a_fresh_one():
     """The greedy's per-move updates (including rows reused from its trials) leave the same proxy
     terms as computing them afresh for the placement reached."""

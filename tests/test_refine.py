@@ -91,6 +91,66 @@ def test_realise_refuses_a_node_structure_that_does_not_fit():
     assert realise(cluster, counts, replicas, np.zeros(5, int), replicas * 10.0) is None
 
 
+def _shared_hot(seed=0):
+    """Two nodes of three devices whose sources all want the hot experts (one sync's worth of
+    tokens is 17 on this cluster)."""
+    cluster = slow_cluster(per_node=(3, 3), slots=2)
+    return cluster, spread([900, 500, 300, 120, 60, 30, 10], cluster.num_devices, seed=seed).astype(float)
+
+
+def test_demand_split_serves_each_node_its_own_demand_of_the_hot_experts():
+    from planner.construct import demand_split
+    cluster, counts = _shared_hot()
+    demand = counts.T @ cluster.node_onehot
+    n, owner_node, tokens = demand_split(cluster, counts, 1.0)
+    split = (n > 0).sum(axis=1) > 1
+    assert split[:3].all()  # hundreds of tokens each side: worth a sync
+    np.testing.assert_allclose(tokens[split], demand[split])  # each node serves its own sources
+    light = demand.min(axis=1) < 17
+    assert not split[light].any()  # less than a sync's worth on one side: one home
+    # owners on both nodes, so a realised device can pair an owner's receipts with a follower's sends
+    assert len(set(owner_node[split].tolist())) == 2
+    n_none, *_ = demand_split(cluster, counts, 1e9)
+    assert ((n_none > 0).sum(axis=1) == 1).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_split_plans_are_valid_and_the_ilp_is_hinted_with_them(seed):
+    from planner.ilp import hints
+    from planner.refine import split_plans
+    cluster, counts = _shared_hot(seed)
+    cur = static_layer(counts.shape[1], cluster.slots)
+    plans = split_plans(cluster, counts)
+    assert plans and len({x.tobytes() + o.tobytes() for _, x, _, o in plans}) == len(plans)
+    for name, x, share, owner in plans:
+        assert name.startswith("split") and (x.sum(axis=0) <= cluster.slots).all(), name
+        assert x[np.arange(len(owner)), owner].all() and np.allclose(share.sum(axis=1), 1) and (share[~x] == 0).all()
+        assert (x @ cluster.node_onehot > 0).sum(axis=1).max() == 2  # some expert served on both nodes
+    ranked, _ = hints(cluster, counts, cur, 5)
+    got = {c[0]: obj for c, obj in ranked if c[0].startswith("split")}
+    assert set(got) == {name for name, *_ in plans}
+    for name, x, share, owner in plans:
+        assert got[name] == pytest.approx(objective(cluster, counts, x, share, owner, cur, 5), rel=1e-12)
+
+
+def test_split_plans_level_their_shares_against_communication():
+    """Built, a node plan's shares level compute alone; the levelled ones count what each device
+    sends, receives and syncs, and on a cluster with slow links they make a faster step."""
+    from planner.construct import demand_split, from_nodes
+    from planner.refine import split_plans
+    from cost_models.presets import preset
+    cluster = preset("dgx-a100-2x8", slots=3)
+    load = (40000 * 0.6 ** np.arange(24)).astype(int) + 50
+    counts = spread(load, cluster.num_devices, seed=3).astype(float)
+    n, owner_node, tokens = demand_split(cluster, counts, 0.25)
+    x, share, owner = from_nodes(cluster, counts, tokens, owner_node)
+    raw = estimate(cluster, counts, x, share, owner).step_time
+    levelled = dict((name, (px, ps, po)) for name, px, ps, po in split_plans(cluster, counts, units=(0.25,)))
+    lx, ls, lo = levelled["split0.25/nodes"]
+    assert (lx == x).all() and (lo == owner).all()
+    assert estimate(cluster, counts, lx, ls, lo).step_time < 0.97 * raw
+
+
 def test_refine_with_an_evaluation_limit_is_reproducible():
     cluster, counts = _case(7)
     cur = static_layer(counts.shape[1], cluster.slots)
