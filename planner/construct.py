@@ -319,12 +319,12 @@ def demand_split(cluster: Cluster, counts: np.ndarray, units: float):
     worth = units * SYNC_PHASES * cluster.expert.param_bytes / (A2A_PHASES * cluster.expert.token_bytes)
     host = demand >= max(worth, 1e-12)
     host[host.sum(axis=1) < 2] = False  # one hosting node: a single home, placed below
-    # more hostings than slots: the splits worth least go first
+    # more hostings than slots: experts stop being split, the one with the least demand on a
+    # hosting node first (each then gets one home below)
     for i in np.argsort(np.where(host, demand, np.inf), axis=None, kind="stable"):
         if host.sum() + (~host.any(axis=1)).sum() <= node_slots.sum():
             break
-        e = int(i) // K
-        host[e] = False  # an expert left with one hosting node is no longer split
+        host[int(i) // K] = False
     split = host.any(axis=1)
     budget = _budgets(node_slots, int(host.sum() + (~split).sum()))
     if budget is None:
