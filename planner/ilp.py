@@ -43,8 +43,8 @@ from planner.baselines import eplb
 from planner.construct import hierarchical, mcnaughton, spread_owners
 from planner.greedy import greedy
 from planner.plan import LayerPlan
-from planner.refine import refine, split_plans
-from planner.score import clean_shares, objective, pick_owner
+from planner.refine import ForkedRefines, refine, split_plans
+from planner.score import clean_shares, objective, pick_owner, verdict
 
 BLOCKS = 1000  # token blocks per layer
 UNITS = 200_000  # time units in the lower bound: sets the rounding of time coefficients
@@ -399,40 +399,65 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
     cur_owner = current.owner if current is not None else None
     info = {"solver": "ilp", "hint": hname, "hint_objective": hobj, "time_budget": time_budget,
             "workers": workers, "seed": seed, "reproducible": reproducible}
-    if E * G <= MAX_CELLS or cluster.num_nodes == 1:
-        inst = _Inst(cluster, np.arange(G), load, counts, hs, cur_x, cur_owner, interval)
-        r = _solve(inst, hx, hs, ho, left, workers, seed, reproducible)
-        status, x, share, owner = r.status, r.x, r.share, r.owner
-        info.update(status=status.lower(), decomposed=False, **r.info)
-        if x is not None:
-            # on free links (compute alone) the model is the estimator, up to block rounding; with
-            # links, owners and routing it is not, and its bound is reported apart (planner.score)
-            info.update(model_objective_s=r.objective_s, bound_s=r.bound_s, bound_valid=_free_links(cluster))
-    else:
-        status, x, share, owner, extra = _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval,
-                                                  left, workers, seed, reproducible)
-        info.update(status=status, decomposed=True, **extra)
-    if x is None and info.get("hint_completed"):  # no better solution in time; the hint stands
-        info.update(returned="hint")
-        x, share, owner = hx, hs, ho
-    elif x is None:  # nothing in time, or a solver failure: the greedy plan, saying so
-        _, x, share, owner = greedy_plan
-        info.update(fallback=True, returned="greedy")
-    else:
-        if owner is None or (current is not None):
-            owner = _keep_owner(cluster, x, share, owner, current)
-        obj = objective(cluster, counts, x, share, owner, current, interval)
-        if obj > hobj:
-            info.update(returned="hint", ilp_objective=obj)
-            x, share, owner = hx, hs, ho
+    # spare workers refine the runner-up hints meanwhile, where the plan is refined (not in
+    # reproducible mode: its result must not depend on the machine)
+    others = [] if reproducible or E * G > MAX_CELLS or _free_links(cluster) else _other_starts(ranked, workers - 1)
+    with ForkedRefines(cluster, counts, current, interval, [c[1:] for c in others], t0 + time_budget) as forked:
+        info.update(refine_starts=1 + len(forked.children))
+        if E * G <= MAX_CELLS or cluster.num_nodes == 1:
+            inst = _Inst(cluster, np.arange(G), load, counts, hs, cur_x, cur_owner, interval)
+            r = _solve(inst, hx, hs, ho, left, max(workers - len(forked.children), 1), seed, reproducible)
+            status, x, share, owner = r.status, r.x, r.share, r.owner
+            info.update(status=status.lower(), decomposed=False, **r.info)
+            if x is not None:
+                # on free links (compute alone) the model is the estimator, up to block rounding; with
+                # links, owners and routing it is not, and its bound is reported apart (planner.score)
+                info.update(model_objective_s=r.objective_s, bound_s=r.bound_s, bound_valid=_free_links(cluster))
         else:
-            info.update(returned="ilp")
-    if E * G > MAX_CELLS:  # decomposed: a candidate costs too much there for the time left to pay
+            status, x, share, owner, extra = _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval,
+                                                      left, workers, seed, reproducible)
+            info.update(status=status, decomposed=True, **extra)
+        if x is None and info.get("hint_completed"):  # no better solution in time; the hint stands
+            info.update(returned="hint")
+            x, share, owner = hx, hs, ho
+        elif x is None:  # nothing in time, or a solver failure: the greedy plan, saying so
+            _, x, share, owner = greedy_plan
+            info.update(fallback=True, returned="greedy")
+        else:
+            if owner is None or (current is not None):
+                owner = _keep_owner(cluster, x, share, owner, current)
+            obj = objective(cluster, counts, x, share, owner, current, interval)
+            if obj > hobj:
+                info.update(returned="hint", ilp_objective=obj)
+                x, share, owner = hx, hs, ho
+            else:
+                info.update(returned="ilp")
+        if E * G > MAX_CELLS:  # decomposed: a candidate costs too much there for the time left to pay
+            return x, share, owner, info
+        if info["status"] == "optimal" and _free_links(cluster):
+            return x, share, owner, info  # free links: the model is the estimator, optimal (or its hint, no worse)
+        x, share, owner, info = _refined(cluster, counts, current, interval, x, share, owner, info,
+                                         refine_left if reproducible else t0 + time_budget - time.perf_counter(),
+                                         reproducible)
+        if forked.children:
+            v = verdict(cluster, counts, x, share, owner, current, interval)
+            x, v, won = forked.best(x, v)
+            if won:
+                share, owner = v.share, v.owner
+                info.update(refined=True, refine_start=others[won - 1][0])
         return x, share, owner, info
-    if info["status"] == "optimal" and _free_links(cluster):
-        return x, share, owner, info  # free links: the model is the estimator, optimal (or its hint, no worse)
-    return _refined(cluster, counts, current, interval, x, share, owner, info,
-                    refine_left if reproducible else t0 + time_budget - time.perf_counter(), reproducible)
+
+
+def _other_starts(ranked, n: int) -> list:
+    """Up to `n` of the ranked hints after the first, best first, each with a placement unlike the
+    first's and the others'."""
+    seen, out = {np.asarray(ranked[0][0][1], bool).tobytes()}, []
+    for (name, hx, hs, ho), _ in ranked[1:]:
+        key = np.asarray(hx, bool).tobytes()
+        if len(out) < n and key not in seen:
+            seen.add(key)
+            out.append((name, hx, hs, ho))
+    return out
 
 
 def _refined(cluster, counts, current, interval, x, share, owner, info, seconds, reproducible):

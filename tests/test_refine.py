@@ -9,8 +9,8 @@ import pytest
 from cost_models.estimator import estimate
 from planner.greedy import greedy
 from planner.plan import static_layer
-from planner.refine import level_shares, realise, refine
-from planner.score import clean_shares, even_shares, objective
+from planner.refine import ForkedRefines, level_shares, realise, refine
+from planner.score import clean_shares, even_shares, migration_s, objective
 from planner.solve import plan_layer
 from tests.planner_helpers import spread
 from tests.test_bounds import slow_cluster
@@ -170,3 +170,55 @@ def test_a_move_must_pay_for_its_migration(seed):
     rx, v, _ = refine(cluster, counts, lp, 1, x, s, o)
     start = level_shares(cluster, counts, x, o, s, rounds=3)[1].step_time  # nothing migrates at the start
     assert v.objective <= start + 1e-15
+
+
+def _verdict_of(cluster, counts, cur, x, s, o):
+    from planner.score import verdict
+    return verdict(cluster, counts, x, clean_shares(x, s), o, cur, 5)
+
+
+def test_forked_refines_hand_back_a_better_start_and_clean_up():
+    """A start refined in a forked process beats this process's worse plan: `best` takes the
+    child's (index 1), as good as that start levelled at least, and no child outlives the block."""
+    import multiprocessing as mp
+    import time
+    cluster, counts = _case(3)
+    cur = static_layer(counts.shape[1], cluster.slots)
+    gx, gs, go, _ = greedy(cluster, counts, cur, interval=5)
+    bad = (cur.replicas(), cur.shares(), cur.owner)
+    mine = _verdict_of(cluster, counts, cur, *bad)
+    good = level_shares(cluster, counts, gx, go, clean_shares(gx, gs), 3)[1].step_time
+    assert good < mine.objective  # the test needs the child's start to be the better one
+    with ForkedRefines(cluster, counts, cur, 5, [(gx, gs, go)], time.perf_counter() + 1.0) as forked:
+        assert len(forked.children) == 1
+        x, v, won = forked.best(bad[0], mine)
+        procs = [p for p, _ in forked.children]
+    assert won == 1 and v.objective <= good + 1e-15 + migration_s(cluster, cur, x, v.owner, 5)
+    assert v.objective < mine.objective and (x.sum(axis=0) <= cluster.slots).all()
+    assert not any(p.is_alive() for p in procs) and not mp.active_children()
+
+
+def test_a_forked_start_that_fails_is_dropped():
+    """A child whose start is malformed dies without sending: this process's plan stands."""
+    import time
+    cluster, counts = _case(4)
+    cur = static_layer(counts.shape[1], cluster.slots)
+    x, s, o, _ = greedy(cluster, counts, cur, interval=5)
+    mine = _verdict_of(cluster, counts, cur, x, s, o)
+    broken = (x[:, :1], s[:, :1], o)
+    with ForkedRefines(cluster, counts, cur, 5, [broken], time.perf_counter() + 0.5) as forked:
+        rx, v, won = forked.best(x, mine)
+    assert won == 0 and rx is x and v is mine
+
+
+def test_the_ilp_refines_a_runner_up_hint_on_a_spare_worker():
+    """With two workers a second start is refined meanwhile (said in `info`); reproducible mode,
+    whose plans must not depend on the machine, never forks."""
+    from tests.planner_helpers import make_cluster, spread as spread_
+    c = make_cluster(nodes=2, per_node=3, slots=2, a=1e-5, fast=False)
+    counts = spread_([900, 50, 300, 10, 10, 700, 40, 5], 6, seed=2)
+    two = plan_layer(c, counts, solver="ilp", time_budget=0.6, workers=2)
+    assert two.info["refine_starts"] == 2
+    assert two.info["objective"] <= two.info["hint_objective"] * (1 + 1e-9)
+    one = plan_layer(c, counts, solver="ilp", time_budget=0.6, workers=2, reproducible=True)
+    assert one.info["refine_starts"] == 1 and "refine_start" not in one.info
