@@ -159,14 +159,18 @@ class ForkedRefines:
     the runner-up refined beside the ILP took the 1 s ILP's p90 distance to the offline bound from
     22.7% to 18-20%. A child stops `CHILD_RETURN_S` short of the deadline to send its plan back; one
     that fails or is later than as much past the deadline is dropped. Where processes cannot fork
-    (or this one is a daemon) nothing starts. Use as a context manager: leaving it stops the
+    (or this one is a daemon, or runs other threads) nothing starts. Use as a context manager: leaving it stops the
     children."""
 
     def __init__(self, cluster: Cluster, counts: np.ndarray, current: LayerPlan | None, interval: int, starts,
                  deadline: float, within_nodes: bool = False):
         import multiprocessing as mp
+        import threading
         self.children, self.deadline = [], deadline
-        if not starts or "fork" not in mp.get_all_start_methods() or mp.current_process().daemon:
+        # a process with other threads is not forked: a lock one of them holds would stay held in
+        # the child (the runtime plans in a background thread)
+        if (not starts or "fork" not in mp.get_all_start_methods() or mp.current_process().daemon
+                or threading.active_count() > 1):
             return
         ctx = mp.get_context("fork")
         for x, share, owner in starts:

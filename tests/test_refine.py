@@ -222,3 +222,21 @@ def test_the_ilp_refines_a_runner_up_hint_on_a_spare_worker():
     assert two.info["objective"] <= two.info["hint_objective"] * (1 + 1e-9)
     one = plan_layer(c, counts, solver="ilp", time_budget=0.6, workers=2, reproducible=True)
     assert one.info["refine_starts"] == 1 and "refine_start" not in one.info
+
+
+def test_no_fork_from_a_process_running_other_threads():
+    """The runtime plans in a background thread: forking then could leave a lock held in the child."""
+    import threading
+    import time
+    cluster, counts = _case(5)
+    cur = static_layer(counts.shape[1], cluster.slots)
+    x, s, o, _ = greedy(cluster, counts, cur, interval=5)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        with ForkedRefines(cluster, counts, cur, 5, [(x, s, o)], time.perf_counter() + 0.5) as forked:
+            assert forked.children == []
+    finally:
+        stop.set()
+        t.join()
