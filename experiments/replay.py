@@ -273,4 +273,7 @@ def _bar(it, progress: bool, name: str):
     if not progress:
         return it
     from tqdm import tqdm
+    # no monitor thread: a process running other threads does not fork (the ILP's spare workers
+    # refine runner-up hints in forked processes, `planner.refine.ForkedRefines`)
+    tqdm.monitor_interval = 0
     return tqdm(it, desc=f"replay {name}", unit="step", leave=False)
