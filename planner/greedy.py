@@ -8,8 +8,10 @@ estimate costs about a millisecond at 256 experts on 64 devices, too dear for ev
 The estimator is the final judge: among the start, the greedy result, the greedy result with
 levelled shares (up to `SHARES_CELLS`), the wrap-around construction and the node-aware
 constructions (nodes first, then devices: `construct.hierarchical`, each also with owners that
-spread the inter-node weight syncs: `construct.spread_owners`), the best estimated objective wins
-(`judge`: best first on lower bounds, so usually only the winner is estimated).
+spread the inter-node weight syncs: `construct.spread_owners`) and, on small multi-node layers,
+node splits (each hot expert served on every node that routes it a weight sync's worth of
+tokens: `refine.split_plans`), the best estimated objective wins (`judge`: best first on lower
+bounds, so usually only the winner is estimated).
 Deterministic: ties go to the lowest expert and device ids.
 """
 
@@ -26,6 +28,7 @@ from cost_models.estimator import (A2A_PHASES, SYNC_PHASES, a2a_latency, cells, 
 from cost_models.routing import class_traffic
 from planner.construct import balance_shares, hierarchical, mcnaughton, spread_owners
 from planner.plan import LayerPlan, static_layer
+from planner.refine import split_plans
 from planner.score import clean_shares, device_floors, even_shares, floor_terms, migration_s, pick_owner, verdict
 
 BALANCE_THRESHOLD = 1.02  # stop once the busiest device has at most 2% over the mean tokens
@@ -38,6 +41,10 @@ HIERARCHICAL_CELLS = 4096
 # levelling compute costs locality (on the 156 guard instances it never won above 81 x 64, and
 # lost by 9-17% at 256 x 64), and the levelling costs about 0.8 ms there
 SHARES_CELLS = 8192
+# experts x devices up to which plans that serve each node's own demand of the hot experts are
+# judged too (`refine.split_plans`, one levelling round, one layout: about 14 ms at 32 x 16; on the
+# real excerpt they take the greedy's median distance to the offline bound from 35% to 27%)
+SPLIT_CELLS = 2048
 TINY = np.finfo(np.float64).tiny
 # per thread: a state's per-expert terms array, handed from plan to plan (`_terms_buffer`)
 _spare = threading.local()
@@ -364,6 +371,8 @@ def _plan(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None, inter
             # the same placement with owners that spread the syncs over the slow link
             base = estimate(cluster, counts, hx, hs).total  # seconds without sync
             cands.append((name + "/owners", hx, hs, spread_owners(cluster, hx, base, own)))
+    if cluster.num_nodes > 1 and num_experts * cluster.num_devices <= SPLIT_CELLS:
+        cands += split_plans(cluster, counts, rounds=1, paired=False)
     i, objs, best = judge(cluster, counts, cands, current, interval)
     name, x, share, owner = cands[i]
     return x, share, owner, {"solver": "greedy", "status": "heuristic", "moves_tried": moves, "picked": name,

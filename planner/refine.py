@@ -280,7 +280,8 @@ def realise(cluster: Cluster, counts: np.ndarray, replicas: np.ndarray, owner_no
     return x, share, owner
 
 
-def split_plans(cluster: Cluster, counts: np.ndarray, units=SPLIT_UNITS) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+def split_plans(cluster: Cluster, counts: np.ndarray, units=SPLIT_UNITS, rounds: int = 3,
+                paired: bool = True) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """[(name, x, share, owner)]: `construct.demand_split`'s node plans (an expert served on each
     node that routes it at least `units` weight syncs' worth of tokens), laid out on devices two
     ways (`construct.from_nodes`; `realise`, owners paired with followers for the slow syncs to
@@ -288,7 +289,8 @@ def split_plans(cluster: Cluster, counts: np.ndarray, units=SPLIT_UNITS) -> list
     constructed, their shares ignore the communication the split itself creates (levelling takes a
     fifth off their step on the real excerpt), so they lost to plans that search worse from. Hinted
     with the levelled ones, the ILP at 1 s per layer on the real excerpt (24 instances) comes within
-    a median 17% of the offline bound, against 23% without."""
+    a median 17% of the offline bound, against 23% without. `rounds` of levelling, and `paired`:
+    the `realise` layout too (the greedy, with milliseconds, takes one round of the first layout)."""
     counts = np.asarray(counts, dtype=np.float64)
     out, seen = [], set()
     for u in units:
@@ -297,11 +299,13 @@ def split_plans(cluster: Cluster, counts: np.ndarray, units=SPLIT_UNITS) -> list
             continue
         seen.add(key)
         n, owner_node, tokens = made
-        for tag, plan in (("nodes", from_nodes(cluster, counts, tokens, owner_node)),
-                          ("paired", realise(cluster, counts, n, owner_node, tokens))):
+        layouts = [("nodes", from_nodes(cluster, counts, tokens, owner_node))]
+        if paired:
+            layouts.append(("paired", realise(cluster, counts, n, owner_node, tokens)))
+        for tag, plan in layouts:
             if plan is None:
                 continue
             x, share, owner = plan
-            share, _ = level_shares(cluster, counts, x, owner, clean_shares(x, share), 3, within_nodes=True)
+            share, _ = level_shares(cluster, counts, x, owner, clean_shares(x, share), rounds, within_nodes=True)
             out.append((f"split{u:g}/{tag}", x, share, owner))
     return out

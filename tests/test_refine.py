@@ -240,3 +240,17 @@ def test_no_fork_from_a_process_running_other_threads():
     finally:
         stop.set()
         t.join()
+
+
+def test_greedy_judges_split_plans_on_small_multi_node_layers(monkeypatch):
+    """Where every source wants the hot experts, a plan serving each node's own demand beats every
+    single-home construction; the greedy judges it (up to `SPLIT_CELLS`) and takes it."""
+    import planner.greedy as greedy_mod
+    cluster, counts = _shared_hot(1)
+    cur = static_layer(counts.shape[1], cluster.slots)
+    x, s, o, info = greedy(cluster, counts, cur, interval=5)
+    assert info["picked"].startswith("split")
+    monkeypatch.setattr(greedy_mod, "SPLIT_CELLS", 0)
+    x0, s0, o0, info0 = greedy(cluster, counts, cur, interval=5)
+    assert not any(k.startswith("split") for k in info0["candidates"])
+    assert objective(cluster, counts, x, s, o, cur, 5) < 0.99 * objective(cluster, counts, x0, s0, o0, cur, 5)
