@@ -157,7 +157,7 @@ class ForkedRefines:
     takes the best of theirs and its own. On the real excerpt the hint a layer's candidates rank
     first is often not the one that searches best, and the local search uses one core: with two
     workers, the runner-up refined for the whole budget beside the 1 s ILP took its median distance
-    to the offline bound from 16.9% to 15.5% and its p90 from 22.7% to 18.2%. A child stops
+    to the offline bound from 16.9% to 15.5-15.8% and its p90 from 22.7% to 18-20%. A child stops
     `CHILD_RETURN_S` short of the deadline to send its plan back; one that fails or is later than
     as much past the deadline is dropped. Where processes cannot fork (or this one is a daemon, or
     runs other threads) nothing starts. Use as a context manager: leaving it stops the children."""

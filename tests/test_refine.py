@@ -10,7 +10,7 @@ from cost_models.estimator import estimate
 from planner.greedy import greedy
 from planner.plan import static_layer
 from planner.refine import ForkedRefines, level_shares, realise, refine
-from planner.score import clean_shares, even_shares, migration_s, objective
+from planner.score import clean_shares, even_shares, migration_s, objective, verdict
 from planner.solve import plan_layer
 from tests.planner_helpers import spread
 from tests.test_bounds import slow_cluster
@@ -173,7 +173,6 @@ def test_a_move_must_pay_for_its_migration(seed):
 
 
 def _verdict_of(cluster, counts, cur, x, s, o):
-    from planner.score import verdict
     return verdict(cluster, counts, x, clean_shares(x, s), o, cur, 5)
 
 

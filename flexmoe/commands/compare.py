@@ -35,7 +35,8 @@ def compare_cmd(
         window: Annotated[int, typer.Option(help="past steps the predictor sees")] = 5,
         ema: Annotated[float, typer.Option(help="EMA weight of the newest step")] = 0.5,
         time_budget: Annotated[float, typer.Option(help="ILP seconds per layer and re-plan")] = 1.0,
-        workers: Annotated[int, typer.Option(help="ILP workers: CP-SAT threads; from 2 on, a spare one also refines a runner-up hint in a forked process")] = 1,
+        workers: Annotated[int, typer.Option(help="ILP workers: CP-SAT threads; from 2 on, a spare one "
+                                                     "also refines a runner-up hint in a forked process")] = 1,
         seed: Annotated[int, typer.Option(help="solver seed")] = 0,
         capacity_factor: Annotated[float, typer.Option(help="capacity policy: each source's tokens per "
                                                             "expert replica, over an even share")] = 1.25,

@@ -37,7 +37,8 @@ def plan(cluster: Annotated[Path, typer.Option("-c", "--cluster", help="cluster.
          layers: Annotated[str, typer.Option(help="comma-separated layer positions (default: all)")] = "",
          interval: Annotated[int, typer.Option(help="training steps until the next re-plan (amortises "
                                                     "migration)")] = 50,
-         workers: Annotated[int, typer.Option(help="ILP workers: CP-SAT threads; from 2 on, a spare one also refines a runner-up hint in a forked process")] = 1,
+         workers: Annotated[int, typer.Option(help="ILP workers: CP-SAT threads; from 2 on, a spare one "
+                                                     "also refines a runner-up hint in a forked process")] = 1,
          seed: Annotated[int, typer.Option(help="solver seed")] = 0,
          slots: Annotated[int, typer.Option(help="expert slots per device (0: the cluster file's)")] = 0,
          objective: Annotated[ObjectiveName,
