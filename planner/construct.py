@@ -308,7 +308,7 @@ def demand_split(cluster: Cluster, counts: np.ndarray, units: float):
     devices can then pair an owner's receipts with a follower's sends. None if the hostings do not
     fit the nodes' slots."""
     counts = np.asarray(counts, dtype=np.float64)
-    node, K = cluster.node_index, cluster.num_nodes
+    K = cluster.num_nodes
     load = counts.sum(axis=0)
     E = len(load)
     onehot = cluster.node_onehot

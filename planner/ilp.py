@@ -23,9 +23,9 @@ hint higher the hint is returned and `info` says so. Part of the budget (`REFINE
 `planner.refine`, a local search judged by the estimator itself, on the plan returned: on the
 real traces at 1 s per layer CP-SAT mostly proves little beyond its hint, and levelling shares
 against each device's real communication gains more. Spare workers (beyond one) refine runner-up
-hints in forked processes for the whole budget meanwhile (`refine.ForkedRefines`). Too large instances are decomposed: the
-hint's split of experts over nodes is kept and each node's devices are solved on their own
-(and not refined: a candidate costs too much there).
+hints in forked processes for the whole budget meanwhile (`refine.ForkedRefines`). Too large
+instances are decomposed: the hint's split of experts over nodes is kept and each node's devices
+are solved on their own (and not refined: a candidate costs too much there).
 """
 
 from __future__ import annotations
