@@ -8,14 +8,16 @@ from cost_models.cluster import INTER, INTRA, Cluster, ComputeModel, Device, Exp
 
 
 def make_cluster(nodes: int = 1, per_node: int = 3, slots: int = 2, a: float = 0.0, b: float = 1e-6,
-                 fast: bool = True) -> Cluster:
-    """`fast`: links so fast that compute is all that counts (brute force knows the optimum then)."""
+                 fast: bool = True, expert: ExpertShape = ExpertShape(64, 128, "bf16")) -> Cluster:
+    """`fast`: links so fast that compute is all that counts (brute force knows the optimum then).
+    `expert`: the default is light (communication is cheap); a real model's shape makes replica
+    sync and the inter-node all-to-all weigh as much as compute."""
     intra = Link(0.0, 1e18) if fast else Link(8e-6, 230e9)
     inter = Link(0.0, 1e18) if fast else Link(20e-6, 22e9)
     devices = tuple(Device(n * per_node + i, n, "test", 2**34, slots, ComputeModel(a, b))
                     for n in range(nodes) for i in range(per_node))
     links = {INTRA: intra, INTER: inter} if nodes > 1 else {INTRA: intra}
-    return Cluster("test", devices, ExpertShape(64, 128, "bf16"), links)
+    return Cluster("test", devices, expert, links)
 
 
 def spread(load, sources: int, seed: int = 0) -> np.ndarray:
