@@ -25,13 +25,14 @@ model's objective is the estimator's within -2.4% and +3.5% (median +0.4%; summi
 receipts and charging sends across on NVLink too, it was a median 8.9% over, up to 34%). The plan
 is then re-scored by the estimator, with the model's owners or the current ones where they still
 hold a replica, whichever it ranks first; the model is a linearisation, not the estimator
-itself, so if the estimator ranks the hint higher the hint is returned and `info` says so. Part of the budget (`REFINE_SHARE`) goes to
-`planner.refine`, a local search judged by the estimator itself, on the plan returned: on the
-real traces at 1 s per layer CP-SAT mostly proves little beyond its hint, and levelling shares
-against each device's real communication gains more. Spare workers (beyond one) refine runner-up
-hints in forked processes for the whole budget meanwhile (`refine.ForkedRefines`). Too large
-instances are decomposed: the hint's split of experts over nodes is kept and each node's devices
-are solved on their own (and not refined: a candidate costs too much there).
+itself, so if the estimator ranks the hint higher the hint is returned and `info` says so. Part
+of the budget (`REFINE_SHARE`) goes to `planner.refine`, a local search judged by the estimator
+itself, on the plan returned: on the real traces at 1 s per layer CP-SAT mostly proves little
+beyond its hint, and levelling shares against each device's real communication gains more.
+Spare workers (beyond one) refine runner-up hints in forked processes for the whole budget
+meanwhile (`refine.ForkedRefines`). Too large instances are decomposed: the hint's split of
+experts over nodes is kept and each node's devices are solved on their own (and not refined: a
+candidate costs too much there).
 """
 
 from __future__ import annotations

@@ -144,7 +144,8 @@ def test_the_ilp_keeps_the_owners_the_estimator_ranks_first(seed, kept_wins):
     """The model prices sync and migration with the hint's owners; keeping the current owner
     where it still holds a replica saves moving optimizer state but may leave slow syncs: the
     plan takes whichever the estimator ranks first (here 1.5% and 20% apart)."""
-    c = make_cluster(nodes=2, per_node=2, slots=3, a=4e-5, b=3e-7, fast=False, expert=ExpertShape(1024, 4096, "bf16"))
+    c = make_cluster(nodes=2, per_node=2, slots=3, a=4e-5, b=3e-7, fast=False,
+                     expert=ExpertShape(1024, 4096, "bf16"))
     rng = np.random.default_rng(seed)
     counts = spread((rng.lognormal(0, 1.2, 7) * 3000).astype(int) + 5, 4, seed)
     before = spread((rng.lognormal(0, 1.2, 7) * 3000).astype(int) + 5, 4, seed + 100)
@@ -155,4 +156,5 @@ def test_the_ilp_keeps_the_owners_the_estimator_ranks_first(seed, kept_wins):
     chosen, obj = ilp_mod._owners(c, counts, current, 50, x, share, owner)
     costs = [objective(c, counts, x, share, o, current, 50) for o in (owner, kept)]
     assert (costs[1] < costs[0]) == kept_wins
-    assert obj == pytest.approx(min(costs)) and obj == pytest.approx(objective(c, counts, x, share, chosen, current, 50))
+    assert obj == pytest.approx(min(costs))
+    assert obj == pytest.approx(objective(c, counts, x, share, chosen, current, 50))
