@@ -10,12 +10,12 @@ latency, all linear:
 - all-to-all: per link class, 4 x max(send, receive). On several nodes the model follows the
   estimator's hierarchical routing: an expert's blocks leaving node k are `max(0, D[e,k] -
   Y[e,k])` (node demand less node service), shared by the node's sources in proportion to what
-  each does not keep local, and those entering are received by the node's replicas in
-  proportion to what each takes beyond its own source's tokens (both parts the hint's; a new
-  host's part is the solver's to choose); the rest of the remote traffic is charged at
-  intra-node cost. So a plan that serves each node's demand on that node is seen to save the
-  slow links. On one node (or a per-node subproblem) a device receives `y - l` remote blocks
-  and sends `c - l`, at intra-node cost;
+  each does not keep local (the hint's parts), and those entering are received by the node's
+  replicas in proportion to what each takes beyond its own source's tokens (at the hint's ratio
+  of inflow to that total: a replica added or dropped changes the spread, as it would in the
+  rule); the rest of the remote traffic is charged at intra-node cost. So a plan that serves
+  each node's demand on that node is seen to save the slow links. On one node (or a per-node
+  subproblem) a device receives `y - l` remote blocks and sends `c - l`, at intra-node cost;
 - sync: each follower replica and its owner move a replica's bytes per sync phase (gradients,
   then weights) over the link between them; a device pays, per link class, the larger of what it
   sends as a follower and receives as an owner.
@@ -122,13 +122,15 @@ class _Inst:
         self.send_out = q(tb * self.U * co * part)  # [G, E] per block leaving the node
         self.send_out_i = q(tb * self.U * ci * part)  # the same blocks at NVLink cost: not sent inside
         # the routing rule spreads a node's inflow over its replicas in proportion to what each
-        # takes beyond its own source's tokens: the hint's parts, in thousandths (a new host: free;
-        # the model allows a block less for rounding)
-        room = np.maximum(y.T - src, 0.0)  # [G, E]
-        node_room = np.zeros((len(self.nodes), self.E))
-        np.add.at(node_room, self.node_ix, room)
-        self.inflow_part = np.floor(1000 * np.divide(room, node_room[self.node_ix], out=np.zeros_like(room),
-                                                     where=node_room[self.node_ix] > 0)).astype(np.int64)
+        # takes beyond its own source's tokens: each receives that times the node's inflow over
+        # their total, a ratio taken from the hint, in thousandths (rounded down)
+        room = np.zeros((len(self.nodes), self.E))
+        np.add.at(room, self.node_ix, np.maximum(y.T - src, 0.0))
+        node_y = np.zeros((len(self.nodes), self.E))
+        np.add.at(node_y, self.node_ix, y.T)
+        inflow = np.maximum(node_y - node_demand * self.U, 0.0)
+        self.inflow_ratio = np.floor(1000 * np.divide(inflow, room, out=np.zeros_like(room), where=room > 0)
+                                     .clip(0, 1)).astype(np.int64)  # [K, E]
         self.sync = q(SYNC_PHASES * P * invb)  # [G, G]: a follower on row, its owner on column
         self.lat = q(A2A_PHASES * cluster.alpha[np.ix_(d, d)].sum(axis=1))
         self.mig_new = np.zeros((self.E, self.G), dtype=np.int64)
@@ -359,12 +361,14 @@ def _node_flows(m, inst: _Inst, x, y, l):
             m.Add(out[e, k] >= d - d * sum(x[e][int(g)] for g in devs))
             inflow = m.NewIntVar(0, Lb, "")
             m.Add(inflow >= served - d)
+            ratio = int(inst.inflow_ratio[k, e])
             for g in devs:
                 g = int(g)
                 z[e, g] = m.NewIntVar(0, Lb, "")
-                m.Add(z[e, g] <= (y[e][g] - l[e, g] if (e, g) in l else y[e][g]))
-                if inst.inflow_part[g, e] > 0:
-                    m.Add(1000 * (z[e, g] + 1) >= int(inst.inflow_part[g, e]) * inflow)  # a block for rounding
+                room = y[e][g] - l[e, g] if (e, g) in l else y[e][g]
+                m.Add(z[e, g] <= room)
+                if ratio > 0:  # a block of slack for rounding
+                    m.Add(1000 * (z[e, g] + 1) >= ratio * room)
             m.Add(sum(z[e, int(g)] for g in devs) >= inflow)
     return out, z
 

@@ -7,7 +7,7 @@ from cost_models.cluster import ExpertShape
 from planner import ilp as ilp_mod
 from planner.greedy import greedy
 from planner.plan import LayerPlan, static_layer
-from planner.score import objective
+from planner.score import clean_shares, objective
 from planner.solve import plan_layer
 from tests.planner_helpers import make_cluster, spread
 
@@ -116,15 +116,10 @@ def test_no_local_search_after_a_proven_optimum_on_free_links():
     assert lp.info["status"] == "optimal" and "refine_evals" not in lp.info
 
 
-@pytest.mark.parametrize("nodes, per_node, slots, seed", [(2, 2, 3, 2), (2, 3, 2, 1), (2, 3, 2, 2), (3, 2, 2, 1),
-                                                         (1, 4, 2, 0)])
-def test_the_model_prices_a_plan_as_the_estimator_does(nodes, per_node, slots, seed):
-    """Fixed to a plan, the CP-SAT model's objective is the estimator's, at most 1.5% under (token
-    blocks; where the inflow from other nodes lands on a new host is its to choose) and 0.5% over:
-    a device syncing as follower and as owner pays the larger of what it sends and receives per
-    link class, a source's sends across nodes are its part of what its node does not keep, only
-    the rest goes over NVLink. With weights as heavy as a real model's, summing sync sends and
-    receipts was 12-22% over on these layers, charging sends across on NVLink too up to 3.7%."""
+def _heavy_layer(nodes, per_node, slots, seed):
+    """A greedy plan on a layer with real-sized experts (sync and the inter-node all-to-all weigh
+    as much as compute), and the ILP's instance hinted with it: (cluster, counts, current, (x,
+    share, owner), inst)."""
     c = make_cluster(nodes=nodes, per_node=per_node, slots=slots, a=4e-5, b=3e-7, fast=False,
                      expert=ExpertShape(1024, 4096, "bf16"))
     rng = np.random.default_rng(seed)
@@ -134,9 +129,41 @@ def test_the_model_prices_a_plan_as_the_estimator_does(nodes, per_node, slots, s
     x, share, owner, _ = greedy(c, counts, current, interval=50)
     inst = ilp_mod._Inst(c, np.arange(c.num_devices), counts.sum(axis=0).astype(float), counts, share,
                          current.replicas(), current.owner, 50)
+    return c, counts, current, (x, share, owner), inst
+
+
+LAYERS = [(2, 2, 3, 2), (2, 3, 2, 1), (2, 3, 2, 2), (3, 2, 2, 1), (1, 4, 2, 0)]
+
+
+@pytest.mark.parametrize("nodes, per_node, slots, seed", LAYERS)
+def test_the_model_prices_a_plan_as_the_estimator_does(nodes, per_node, slots, seed):
+    """Fixed to a plan, the CP-SAT model's objective is the estimator's, at most 1.5% under (token
+    blocks) and 0.5% over: a device syncing as follower and as owner pays the larger of what it
+    sends and receives per link class, a source's sends across nodes are its part of what its
+    node does not keep, only the rest goes over NVLink, and a node's inflow lands on its replicas
+    as the routing rule spreads it. With weights as heavy as a real model's, summing sync sends
+    and receipts was 12-22% over on these layers, charging sends across on NVLink too up to 3.7%."""
+    c, counts, current, (x, share, owner), inst = _heavy_layer(nodes, per_node, slots, seed)
     hint = ilp_mod._add_hint(ilp_mod._build(inst, owner), inst, x, share, 5.0, 0, reproducible=True)
     assert hint.completed
     assert -0.015 <= hint.model_s / objective(c, counts, x, share, owner, current, 50) - 1 <= 0.005
+
+
+@pytest.mark.parametrize("nodes, per_node, slots, seed", [(2, 3, 2, 1), (3, 2, 2, 1), (2, 2, 3, 0)])
+def test_the_model_lets_the_solver_drop_a_replica_that_took_inflow(nodes, per_node, slots, seed):
+    """How a node's inflow spreads is taken from the hint, as a ratio to what each replica takes
+    beyond its own source's tokens, not as each replica's part: a replica the hint sent inflow to
+    can still go (with fixed parts, dropping one made the model infeasible on these layers)."""
+    c, counts, current, (x, share, owner), inst = _heavy_layer(nodes, per_node, slots, seed)
+    took = [(e, g) for e, g in zip(*np.nonzero(x)) if inst.inflow_ratio[inst.node_ix[g], e] > 0
+            and g != owner[e] and x[e].sum() > 1]
+    assert took
+    for e, g in took:
+        fewer = x.copy()
+        fewer[e, g] = False
+        fewer_share = clean_shares(fewer, np.where(fewer, share, 0.0))
+        model = ilp_mod._build(inst, owner)
+        assert ilp_mod._add_hint(model, inst, fewer, fewer_share, 5.0, 0, reproducible=True).completed
 
 
 @pytest.mark.parametrize("seed, kept_wins", [(0, True), (3, False)])
