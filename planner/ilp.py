@@ -355,7 +355,8 @@ def _node_flows(m, inst: _Inst, x, y, l):
             served = sum(y[e][int(g)] for g in devs)
             d = int(inst.Db[k, e])
             out[e, k] = m.NewIntVar(0, d, "")
-            m.Add(out[e, k] >= d - served)
+            # exactly what leaves, no more: a source's sends inside the node are charged net of it
+            m.AddMaxEquality(out[e, k], [d - served, 0])
             # a node without a replica sends all its demand away: redundant for integer x, but it
             # keeps the LP bound from hiding the slow links behind fractional replicas
             m.Add(out[e, k] >= d - d * sum(x[e][int(g)] for g in devs))

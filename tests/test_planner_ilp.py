@@ -166,6 +166,28 @@ def test_the_model_lets_the_solver_drop_a_replica_that_took_inflow(nodes, per_no
         assert ilp_mod._add_hint(model, inst, fewer, fewer_share, 5.0, 0, reproducible=True).completed
 
 
+def test_the_model_sends_across_exactly_what_leaves_a_node():
+    """Blocks leaving a node are its demand less its service, no more: a source's sends inside
+    the node are charged net of its part of them, so more leaving would hide NVLink sends."""
+    from ortools.sat.python import cp_model
+    c, counts, current, (x, share, owner), inst = _heavy_layer(2, 3, 2, 1)
+    m = cp_model.CpModel()
+    xv, yv, lv = ilp_mod._assignment(m, inst, owner)
+    out, _ = ilp_mod._node_flows(m, inst, xv, yv, lv)
+    blocks = ilp_mod._round_blocks(share, inst.Lb)
+    for e in range(inst.E):
+        for g in range(inst.G):
+            m.Add(xv[e][g] == int(x[e, g]))
+            m.Add(yv[e][g] == int(blocks[e, g]))
+    m.Maximize(sum(out.values()))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    assert solver.Solve(m) == cp_model.OPTIMAL
+    for (e, k), v in out.items():
+        served = blocks[e, inst.node_ix == k].sum()
+        assert solver.Value(v) == max(int(inst.Db[k, e]) - served, 0)
+
+
 @pytest.mark.parametrize("seed, kept_wins", [(0, True), (3, False)])
 def test_the_ilp_keeps_the_owners_the_estimator_ranks_first(seed, kept_wins):
     """The model prices sync and migration with the hint's owners; keeping the current owner
