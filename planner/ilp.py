@@ -342,10 +342,11 @@ def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed, r
 
 
 def _node_flows(m, inst: _Inst, x, y, l):
-    """Blocks of each expert leaving each node, `out[e, k] >= demand - service`, and those each
-    device receives from other nodes, `z[e, g]`: together at least the node's inflow
-    `service - demand`, each at most the device's remote blocks. The estimator spreads the
-    inflow over replicas by spare capacity; the model may choose (a relaxation)."""
+    """Blocks of each expert leaving each node, `out[e, k] = max(demand - service, 0)`, and those
+    each device receives from other nodes, `z[e, g]`: together at least the node's inflow
+    `service - demand`, each at most the device's remote blocks and at least the hint's ratio of
+    them (the routing rule spreads the inflow in proportion to them; above that, the model may
+    choose)."""
     E = inst.E
     out, z = {}, {}
     for e in range(E):
