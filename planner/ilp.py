@@ -114,9 +114,9 @@ class _Inst:
         # a source's part of its node's outflow: as the routing rule has it, its part of what the
         # node's sources still send after keeping their tokens on their own replicas (the hint's;
         # by demand where they keep everything)
+        node_sum = np.eye(len(self.nodes))[self.node_ix].T  # [K, G]: a [G, E] array's sums per node
         rest = np.maximum(src - y.T, 0.0)  # [G, E] tokens not kept local under the hint
-        node_rest = np.zeros((len(self.nodes), self.E))
-        np.add.at(node_rest, self.node_ix, rest)
+        node_rest = node_sum @ rest
         by_demand = self.cb / np.maximum(self.Db[self.node_ix], 1)
         part = np.divide(rest, node_rest[self.node_ix], out=by_demand, where=node_rest[self.node_ix] > 0)
         self.send_out = q(tb * self.U * co * part)  # [G, E] per block leaving the node
@@ -124,11 +124,8 @@ class _Inst:
         # the routing rule spreads a node's inflow over its replicas in proportion to what each
         # takes beyond its own source's tokens: each receives that times the node's inflow over
         # their total, a ratio taken from the hint, in thousandths (rounded down)
-        room = np.zeros((len(self.nodes), self.E))
-        np.add.at(room, self.node_ix, np.maximum(y.T - src, 0.0))
-        node_y = np.zeros((len(self.nodes), self.E))
-        np.add.at(node_y, self.node_ix, y.T)
-        inflow = np.maximum(node_y - node_demand * self.U, 0.0)
+        room = node_sum @ np.maximum(y.T - src, 0.0)
+        inflow = np.maximum(node_sum @ y.T - node_demand * self.U, 0.0)
         self.inflow_ratio = np.floor(1000 * np.divide(inflow, room, out=np.zeros_like(room), where=room > 0)
                                      .clip(0, 1)).astype(np.int64)  # [K, E]
         self.sync = q(SYNC_PHASES * P * invb)  # [G, G]: a follower on row, its owner on column
@@ -528,10 +525,9 @@ def _owners(cluster, counts, current, interval, x, share, owner):
         owner = pick_owner(cluster, x, share, current)
     options = [owner]
     if current is not None:
-        kept = owner.copy()
-        keep = x[np.arange(len(owner)), current.owner]
-        kept[keep] = current.owner[keep]
-        options.append(kept)
+        kept = np.where(x[np.arange(len(owner)), current.owner], current.owner, owner)
+        if not np.array_equal(kept, owner):  # the same owners: one estimate suffices
+            options.append(kept)
     scored = [(objective(cluster, counts, x, share, o, current, interval), i) for i, o in enumerate(options)]
     obj, i = min(scored)
     return options[i], obj

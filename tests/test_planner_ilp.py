@@ -116,12 +116,16 @@ def test_no_local_search_after_a_proven_optimum_on_free_links():
     assert lp.info["status"] == "optimal" and "refine_evals" not in lp.info
 
 
+def _heavy_cluster(nodes, per_node, slots):
+    """Real-sized experts: sync and the inter-node all-to-all weigh as much as compute."""
+    return make_cluster(nodes=nodes, per_node=per_node, slots=slots, a=4e-5, b=3e-7, fast=False,
+                        expert=ExpertShape(1024, 4096, "bf16"))
+
+
 def _heavy_layer(nodes, per_node, slots, seed):
-    """A greedy plan on a layer with real-sized experts (sync and the inter-node all-to-all weigh
-    as much as compute), and the ILP's instance hinted with it: (cluster, counts, current, (x,
-    share, owner), inst)."""
-    c = make_cluster(nodes=nodes, per_node=per_node, slots=slots, a=4e-5, b=3e-7, fast=False,
-                     expert=ExpertShape(1024, 4096, "bf16"))
+    """A greedy plan on a layer of `_heavy_cluster`, and the ILP's instance hinted with it:
+    (cluster, counts, current, (x, share, owner), inst)."""
+    c = _heavy_cluster(nodes, per_node, slots)
     rng = np.random.default_rng(seed)
     E = c.num_devices * slots // 2 + 1
     counts = spread((rng.lognormal(0, 1.2, E) * 3000).astype(int) + 5, c.num_devices, seed)
@@ -193,8 +197,7 @@ def test_the_ilp_keeps_the_owners_the_estimator_ranks_first(seed, kept_wins):
     """The model prices sync and migration with the hint's owners; keeping the current owner
     where it still holds a replica saves moving optimizer state but may leave slow syncs: the
     plan takes whichever the estimator ranks first (here 1.5% and 20% apart)."""
-    c = make_cluster(nodes=2, per_node=2, slots=3, a=4e-5, b=3e-7, fast=False,
-                     expert=ExpertShape(1024, 4096, "bf16"))
+    c = _heavy_cluster(2, 2, 3)
     rng = np.random.default_rng(seed)
     counts = spread((rng.lognormal(0, 1.2, 7) * 3000).astype(int) + 5, 4, seed)
     before = spread((rng.lognormal(0, 1.2, 7) * 3000).astype(int) + 5, 4, seed + 100)
