@@ -182,6 +182,16 @@ def _scale(cluster: Cluster, counts: np.ndarray) -> _Scale:
     return _Scale(max(float(counts.sum()), 1.0) / 1000.0, max(compute_bound(cluster, counts), 1e-12) / 1000.0)
 
 
+def _seconds(bound: float, tau: float, upper: float | None, infeasible: bool) -> float:
+    """A solver's proven bound (in `tau` units) as seconds, shaved for its tolerances and at most
+    `upper`. Infeasible under the caps `upper` set means no plan beats the known one: `upper`
+    itself (already in seconds) is the bound."""
+    if infeasible:
+        return float(upper) * (1 - SAFETY) if upper is not None else 0.0
+    bound = max(0.0, bound * tau * (1 - SAFETY)) if np.isfinite(bound) else 0.0
+    return bound if upper is None else min(bound, upper)
+
+
 def _replica_caps(cluster: Cluster, upper: float | None, U: float) -> np.ndarray:
     """Blocks one replica on each device can serve within `upper` seconds (inf without it)."""
     if upper is None:
@@ -412,13 +422,8 @@ class Relaxation:
             bound = s.Objective().BestBound()  # proven also when the limit came before a solution
         else:
             bound = 0.0
-        if not np.isfinite(bound):
-            bound = 0.0
-        if st == pywraplp.Solver.INFEASIBLE and self.upper is not None:
-            bound = self.upper  # nothing beats the known plan: it is optimal
-        bound = max(0.0, bound * self.tau * (1 - SAFETY))
-        if self.upper is not None:
-            bound = min(bound, self.upper)
+        infeasible = st == pywraplp.Solver.INFEASIBLE
+        bound = _seconds(bound, self.tau, self.upper, infeasible)
         plan = None
         if have and self._integer():
             xs = np.array([[v.solution_value() > 0.5 for v in row] for row in self.x])
@@ -611,14 +616,16 @@ class NodeRelaxation:
 
     def _node_sync(self, k: int):
         """Node k's sync time: followers in k of experts owned elsewhere (inter), intra followers,
-        and the followers elsewhere of the experts k owns. Per device the larger of followers
-        hosted and followers of the experts it owns: an owner with F followers across hosts at
-        most slots - 1 followers itself, so at least F - (slots - 1) of the owner's receive is
-        not overlapped by its own sending."""
+        and the followers elsewhere of the experts k owns. Per device and link class the larger of
+        what it sends as a follower and receives as an owner: an owner with F_o followers across
+        and F_i inside hosts at most slots - 1 followed replicas itself, so, with them on the slow
+        class first, at least po (F_o - spare) + pi F_i (or pi (F_o + F_i - spare) when F_o is
+        below spare) of its receipts overlap no send of its own."""
         s, E, K, n, own, inf = self.solver, self.E, self.K, self.n, self.own, self.solver.infinity()
         M = int(sum(self.per_dev)) + 1
         fo, fi, oo, lump = [], [], [], []
         spare = int(self.cluster.slots[self.devs[k]].max()) - 1  # followers an owner's device can host
+        pi, po = float(self.pi[k]), float(self.po[k])
         for e in range(E):
             v = s.NumVar(0, inf, "")
             s.Add(v >= n[e][k] - M * own[e][k])
@@ -629,18 +636,19 @@ class NodeRelaxation:
             w2 = s.NumVar(0, inf, "")
             s.Add(w2 >= sum(n[e][j] for j in range(K) if j != k) - M * (1 - own[e][k]))
             oo.append(w2)
+            # what e's owner receives beyond the sends it can overlap it with: it hosts at most
+            # `spare` followed replicas, best used on the slow class first
+            x2 = s.NumVar(0, inf, "")
+            s.Add(x2 >= pi * (w + w2 - spare))
             if K > 1:
-                x2 = s.NumVar(0, inf, "")
-                s.Add(x2 >= w2 - spare)
-                lump.append(x2)
+                s.Add(x2 >= po * (w2 - spare) + pi * w)
+            lump.append(x2)
         S = s.NumVar(0, inf, "")
-        pi, po = self.pi[k], self.po[k]
-        s.Add(S >= float(pi) * sum(fi) + float(po) * sum(fo))
-        s.Add(S >= float(pi) * sum(fi) + float(po) * sum(oo))
-        if lump:
-            # per device max(followers hosted, followers of what it owns) summed: the followers
-            # hosted, plus what an owner's device receives beyond the followers it can host itself
-            s.Add(S >= float(pi) * sum(fi) + float(po) * (sum(fo) + sum(lump)))
+        s.Add(S >= pi * sum(fi) + po * sum(oo))
+        # per device max(sent as a follower, received as an owner) summed: the followers hosted,
+        # plus what owners receive beyond that (a device owning several experts has fewer slots
+        # to spare, so the experts' lumps add up to at most its own)
+        s.Add(S >= pi * sum(fi) + po * sum(fo) + sum(lump))
         return S
 
     def _node_time(self, k: int, T) -> None:
@@ -705,12 +713,7 @@ class NodeRelaxation:
         s = self.solver
         s.SetTimeLimit(int(max(seconds, 0.01) * 1000))
         st = s.Solve()
-        bound = s.Objective().BestBound() if st != pywraplp.Solver.INFEASIBLE else (self.upper or 0.0)
-        if not np.isfinite(bound):
-            bound = 0.0
-        bound = max(0.0, bound * self.tau * (1 - SAFETY))
-        if self.upper is not None:
-            bound = min(bound, self.upper)
+        bound = _seconds(s.Objective().BestBound(), self.tau, self.upper, st == pywraplp.Solver.INFEASIBLE)
         sol = None
         if st in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
             val = lambda vs: np.array([[v.solution_value() for v in row] for row in vs])

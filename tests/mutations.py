@@ -261,6 +261,18 @@ MUTATIONS = [
              "                                                                      - _keepable(cl, self.counts))\n",
              "                                                                      - 0 * _keepable(cl, self.counts))\n",
              ("tests/test_bounds.py",), "a device's all-to-all floor forgets what it keeps (an invalid bound)"),
+    Mutation("node-bound-owners-overlap-receipts-inside", "planner/bounds.py",
+             "            s.Add(x2 >= pi * (w + w2 - spare))\n            if K > 1:\n"
+             "                s.Add(x2 >= po * (w2 - spare) + pi * w)\n",
+             "            if K > 1:\n                s.Add(x2 >= po * (w2 - spare))\n",
+             ("tests/test_bounds.py",), "an owner's receipts from followers inside its node are taken as overlapped"),
+    Mutation("node-bound-owners-overlap-nothing", "planner/bounds.py",
+             "            s.Add(x2 >= pi * (w + w2 - spare))\n", "            s.Add(x2 >= pi * (w + w2 + 1))\n",
+             ("tests/test_bounds.py",), "every expert's owner is charged a receipt more than it can pay (invalid)"),
+    Mutation("relaxation-infeasible-bound-in-solver-units", "planner/bounds.py",
+             "        return float(upper) * (1 - SAFETY) if upper is not None else 0.0\n",
+             "        return float(upper) * tau if upper is not None else 0.0\n",
+             ("tests/test_bounds.py",), "a relaxation proving the known plan optimal reports upper x its time unit"),
 ]
 
 

@@ -17,15 +17,16 @@ from planner.solve import plan_layer
 from tests.planner_helpers import spread
 
 
-def slow_cluster(nodes=2, per_node=(2, 1), slots=2, a=2e-6):
-    """Links slow enough that all-to-all, sync and migration weigh as much as compute."""
+def slow_cluster(nodes=2, per_node=(2, 1), slots=2, a=2e-6, width=16):
+    """Links slow enough that all-to-all, sync and migration weigh as much as compute (more so
+    with a wider expert: its weights grow as width^2, its tokens as width)."""
     devices, i = [], 0
     for n in range(nodes):
         for _ in range(per_node[n]):
             devices.append(Device(i, n, "t", 2**34, slots, ComputeModel(a, 1e-6)))
             i += 1
     links = {INTRA: Link(1e-6, 1e8), INTER: Link(3e-6, 2e7)} if nodes > 1 else {INTRA: Link(1e-6, 1e8)}
-    return Cluster("slow", tuple(devices), ExpertShape(16, 16, "bf16"), links)
+    return Cluster("slow", tuple(devices), ExpertShape(width, width, "bf16"), links)
 
 
 def brute_min(cluster, counts, current, interval, draws=3, seed=0):
@@ -117,6 +118,20 @@ def test_node_bound_with_migration_lumps_never_exceeds_brute_force(name, current
     assert node >= bounds.quick_bound(cluster, counts) * (1 - 1e-6)
 
 
+def test_node_bound_counts_what_owners_receive_beyond_their_own_sends():
+    """With one slot per device an owner follows nothing, so none of its followers' gradients
+    overlap a send of its own, inside its node as across: the node bound charges them (without
+    the owners' receipts inside the node it is 0.669 of the optimum here) and stays valid."""
+    cluster = slow_cluster(per_node=(2, 2), slots=1, width=32)
+    counts = spread([900, 30, 20], cluster.num_devices, seed=0).astype(np.float64)
+    for cur in (None, static_layer(3, cluster.slots)):
+        best = brute_min(cluster, counts, cur, 5)
+        node = bounds.NodeRelaxation(cluster, counts, cur, 5, upper=best * 1.5).solve(20.0)[0]
+        assert node <= best * (1 + 1e-9), (cur is not None, node, best)
+        if cur is None:
+            assert node >= 0.7 * best, (node, best)
+
+
 def test_largest_is_the_head_of_a_descending_sort():
     rng = np.random.default_rng(1)
     for shape, k in (((5, 30), 4), ((3, 7), 7), ((2, 4), 9), ((6, 50), 1)):
@@ -170,10 +185,15 @@ def test_mip_bound_is_tight_on_a_tiny_case():
 
 
 def test_upper_caps_the_bound():
+    """Below any plan the relaxations are infeasible: no plan beats `upper`, which is then the bound
+    itself, in seconds (not in the solver's time units)."""
     cluster = slow_cluster()
     counts = spread([300, 40, 20], cluster.num_devices, seed=0).astype(np.float64)
-    tiny = bounds.compute_bound(cluster, counts) * 0.5  # below any plan: the relaxation is infeasible
-    assert bounds.lp_bound(cluster, counts, None, 5, upper=tiny) <= tiny
+    tiny = bounds.compute_bound(cluster, counts) * 0.5
+    assert bounds.lp_bound(cluster, counts, None, 5, upper=tiny) == pytest.approx(tiny, rel=1e-5)
+    for model in (bounds.Relaxation, bounds.NodeRelaxation):
+        bound, _, status = model(cluster, counts, None, 5, upper=tiny).solve(5.0)
+        assert status == "infeasible" and bound == pytest.approx(tiny, rel=1e-5), (model.__name__, bound, tiny)
 
 
 def test_plans_report_a_valid_bound():
