@@ -55,3 +55,24 @@ def test_the_runtime_refuses_an_unknown_solver_before_training_starts():
     with pytest.raises(InputError, match="unknown solver 'nope'"):
         Replanner("dynamic", rank=0, world=1, num_experts=4, slots=np.array([4]), layers=1, solver="nope")
     assert TrainConfig(solver="ilp").check(2).solver == "ilp"
+
+
+@pytest.mark.parametrize("reproducible,given", [(False, 0.6), (True, 1.0)])
+def test_the_ilp_budget_counts_the_import_of_its_solver(monkeypatch, reproducible, given):
+    """The first ILP call in a process imports OR-Tools inside the call: that time comes off the
+    wall-clock budget (not off the reproducible mode's deterministic one)."""
+    import sys
+    import types
+
+    from planner import solvers
+    seen = {}
+
+    def fake_ilp(cluster, counts, current, **kw):
+        seen.update(kw)
+        return None, None, None, {}
+
+    monkeypatch.setitem(sys.modules, "planner.ilp", types.SimpleNamespace(ilp=fake_ilp))
+    clock = iter([10.0, 10.4])  # the import took 0.4 s
+    monkeypatch.setattr(solvers, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    solvers._ilp(None, None, None, SolveOptions(time_budget=1.0, reproducible=reproducible))
+    assert seen["time_budget"] == pytest.approx(given)
