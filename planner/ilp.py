@@ -63,6 +63,8 @@ OK = (cp_model.OPTIMAL, cp_model.FEASIBLE)
 REFINE_SHARE = 0.5
 REFINE_EVALS_PER_S = 500  # reproducible mode: candidates per second of that share, not wall time
 MIN_REFINE_S = 0.01  # less is not worth the shares' first levelling
+STOP_S = 0.004  # wall seconds CP-SAT takes past its time limit to stop, plus reading its solution back
+FINISH_S = 0.005  # wall seconds kept for what follows the search: owners re-scored, forks joined, verdicts
 NODE_FLOWS = True  # model the inter-node all-to-all per node (False: per-device constant splits)
 
 
@@ -317,8 +319,9 @@ def _solve(inst: _Inst, hint_x, hint_share, hint_owner, budget, workers, seed, r
     own = np.asarray(hint_owner)
     model = _build(inst, own)
     hint = _add_hint(model, inst, hint_x, hint_share, budget, seed, reproducible)
-    if not reproducible:  # the wall-clock budget covers building and hinting the model
-        budget = max(float(budget) - hint.wall_s - (time.perf_counter() - t_build), 1e-3)
+    if not reproducible:  # the wall-clock budget covers building and hinting the model (its fill
+        # included), and CP-SAT's stop and reading back its solution
+        budget = max(float(budget) - (time.perf_counter() - t_build) - STOP_S, 1e-3)
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.num_workers = max(1, int(workers))
@@ -432,8 +435,10 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
     ranked, ginfo = hints(cluster, counts, current, interval, extra_hints)
     (hname, hx, hs, ho), hobj = ranked[0]
     greedy_plan = next(c for c, _ in ranked if c[0] == "greedy")
-    # the reproducible mode's budget must not depend on the wall clock
-    left = time_budget if reproducible else max(time_budget - (time.perf_counter() - t0), 1e-3)
+    # on the wall clock the search ends FINISH_S before the budget, for what follows it (the
+    # reproducible mode's budget must not depend on the wall clock)
+    end = t0 + time_budget - FINISH_S
+    left = time_budget if reproducible else max(end - time.perf_counter(), 1e-3)
     load = counts.sum(axis=0).astype(np.float64)
     E, G = len(load), cluster.num_devices
     refine_left = REFINE_SHARE * left if E * G <= MAX_CELLS else 0.0
@@ -445,7 +450,7 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
     # spare workers refine the runner-up hints meanwhile, where the plan is refined (not in
     # reproducible mode: its result must not depend on the machine)
     others = [] if reproducible or E * G > MAX_CELLS or _free_links(cluster) else _other_starts(ranked, workers - 1)
-    with ForkedRefines(cluster, counts, current, interval, [c[1:] for c in others], t0 + time_budget) as forked:
+    with ForkedRefines(cluster, counts, current, interval, [c[1:] for c in others], end) as forked:
         info.update(refine_starts=1 + len(forked.children))
         if E * G <= MAX_CELLS or cluster.num_nodes == 1:
             inst = _Inst(cluster, np.arange(G), load, counts, hs, cur_x, cur_owner, interval)
@@ -478,7 +483,7 @@ def ilp(cluster: Cluster, counts: np.ndarray, current: LayerPlan | None = None, 
         if info["status"] == "optimal" and _free_links(cluster):
             return x, share, owner, info  # free links: the model is the estimator, optimal (or its hint, no worse)
         x, share, owner, info = _refined(cluster, counts, current, interval, x, share, owner, info,
-                                         refine_left if reproducible else t0 + time_budget - time.perf_counter(),
+                                         refine_left if reproducible else end - time.perf_counter(),
                                          reproducible)
         if forked.children:
             v = verdict(cluster, counts, x, share, owner, current, interval)
@@ -540,6 +545,7 @@ def _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval, budg
     x = np.zeros_like(hx)
     share = np.zeros_like(hs)
     statuses, gaps, wall = [], [], 0.0
+    deadline = time.perf_counter() + budget
     for k, n in enumerate(nodes):
         devs = np.flatnonzero(cluster.node_of == n)
         ns = hs[:, devs].sum(axis=1)  # the node's share of each expert
@@ -557,13 +563,12 @@ def _by_node(cluster, counts, load, hx, hs, ho, cur_x, cur_owner, interval, budg
             sub_co = np.array([pos.get(int(cur_owner[e]), -1) for e in experts])
         sub_ho = np.array([int(np.argmax(sub_hs[i])) for i in range(len(experts))])
         inst = _Inst(cluster, devs, sub_load, sub_src, sub_hs, sub_cx, sub_co, interval, inter_ok=False)
-        r = _solve(inst, hx[np.ix_(experts, devs)], sub_hs, sub_ho,
-                   budget / (len(nodes) if reproducible else len(nodes) - k), workers, seed, reproducible)
+        # wall clock: what is left to the deadline, shared by the nodes still to solve
+        left = budget / len(nodes) if reproducible else (deadline - time.perf_counter()) / (len(nodes) - k)
+        r = _solve(inst, hx[np.ix_(experts, devs)], sub_hs, sub_ho, max(left, 1e-3), workers, seed, reproducible)
         sx, ss, extra = r.x, r.share, r.info
         statuses.append(r.status.lower())
         wall += extra["wall_s"]
-        if not reproducible:
-            budget -= extra["wall_s"]
         if sx is None:
             sx, ss = hx[np.ix_(experts, devs)], sub_hs
         else:
