@@ -5,7 +5,8 @@ bound, and how far greedy, EPLB and the online ILP are from that bound.
 re-plan of the ILP policy, on the very inputs the online ILP got (predicted loads, placement in
 force, interval), it also runs greedy and EPLB, then spends the budget in two lanes (`_search`):
 1. the node-level relaxation (`planner.bounds.NodeRelaxation`), two stages, in a second process
-   when there are workers for it: a proven bound, and node structures (their incumbents);
+   when there are workers for it (the last one then runs on until its incumbent's plans are due):
+   a proven bound, and node structures (their incumbents);
 2. meanwhile the plan search: `polish` on the policies' plans (owners re-picked, shares from the
    relaxation's LP), `planner.refine`'s local search (judged by the estimator itself) on the best
    plans, and each stage's incumbent made into device plans four ways
@@ -40,6 +41,7 @@ FIELDS = ["offline_best_s", "offline_bound_s", "offline_gap", "offline_best_from
 RELAX_STAGES = ((0.45, False), (0.4, True))
 NODE_REFINE_SHARE = 0.04  # each device plan made from a node incumbent
 LAYOUT_SHARE = 0.05  # each node incumbent's layout program (all nodes together)
+REALISE_SHARE = LAYOUT_SHARE + 4 * NODE_REFINE_SHARE  # a node incumbent laid out and its four plans refined
 REFINE_SHARE = 0.08  # each of the best plans refined while the relaxation runs
 REFINE_TOP = 3  # that many before the first stage ends at least (hints for the ILP)
 POLISH_SHARE = 0.03  # each plan polished (at most 5 s)
@@ -112,8 +114,9 @@ def _search(cluster, counts, current, interval, budget, workers, plans, obj, t0)
             job = None
             if i < len(stages):  # the next stage starts at once, the other lane never idles
                 share, cuts = stages[i]
-                job = lanes.submit(_relax, cluster, counts, current, interval, min(obj.values()), cuts,
-                                   max(slot(share), 0.01))
+                seconds = _stage_seconds(slot(share), lanes.pool is not None and i == len(stages) - 1,
+                                         end - time.perf_counter(), budget)
+                job = lanes.submit(_relax, cluster, counts, current, interval, min(obj.values()), cuts, seconds)
             if sol is not None:
                 _add_node_plans(cluster, counts, current, interval, sol, f"nodes{i - 1}", plans, obj,
                                 slot, NODE_REFINE_SHARE)
@@ -127,6 +130,17 @@ def _search(cluster, counts, current, interval, budget, workers, plans, obj, t0)
                 _refine_best(cluster, counts, current, interval, plans, obj, 1 if i else REFINE_TOP,
                              slot, REFINE_SHARE, until=job)
     return bound, status
+
+
+def _stage_seconds(given: float, last_in_own_lane: bool, left: float, budget: float) -> float:
+    """A relaxation stage's seconds: its share of the budget (`given`), or, for the last stage in a
+    process of its own, whatever is `left` before the ILP's share less the time its incumbent takes
+    to be made into device plans, if that is more: nothing follows it in its lane, and an earlier
+    stage that proved its optimum early leaves it that time (on the real excerpt the last stage
+    proved 1-1.2% more on four instances in 40 s than in its 24 s share)."""
+    if last_in_own_lane:
+        given = max(given, left - REALISE_SHARE * budget)
+    return max(given, 0.01)
 
 
 class _Lanes:

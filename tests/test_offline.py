@@ -135,3 +135,15 @@ def test_diagnosis_command_refuses_a_missing_trace_and_bad_arguments_in_one_line
     with pytest.raises(SystemExit) as err:
         offline.main(["0", "--budget", "0"])
     assert err.value.code == 2 and "--budget must be a positive number" in capsys.readouterr().err
+
+
+def test_the_last_relaxation_stage_in_its_own_process_runs_until_its_plans_are_due():
+    """Nothing follows the last stage in its lane, so it gets what is left before the ILP's share
+    less the time to make its incumbent into plans, where that beats its share; inline (taking
+    turns with the search) or earlier stages keep their share."""
+    budget = 60.0
+    due = offline.REALISE_SHARE * budget
+    assert offline._stage_seconds(24.0, True, 50.0, budget) == pytest.approx(50.0 - due)
+    assert offline._stage_seconds(24.0, True, 30.0, budget) == 24.0  # little left: its share stands
+    assert offline._stage_seconds(24.0, False, 50.0, budget) == 24.0
+    assert offline._stage_seconds(0.0, False, 0.0, budget) == 0.01  # a solver needs a positive limit
