@@ -110,13 +110,12 @@ class _Inst:
         self.node_ix = np.unique(self.node, return_inverse=True)[1].reshape(-1)
         self.multi_node = NODE_FLOWS and len(self.nodes) > 1 and inter.any()
         self.cost_i, self.cost_o = q(tb * self.U * ci), q(tb * self.U * co)
-        node_demand = np.zeros((len(self.nodes), self.E), dtype=np.int64)
-        np.add.at(node_demand, self.node_ix, self.cb)
-        self.Db = node_demand  # [K, E] blocks wanted by each node's sources
+        node_sum = np.eye(len(self.nodes))[self.node_ix].T  # [K, G]: a [G, E] array's sums per node
+        # [K, E] blocks wanted by each node's sources (whole numbers, summed exactly in floats)
+        self.Db = node_demand = np.rint(node_sum @ self.cb).astype(np.int64)
         # a source's part of its node's outflow: as the routing rule has it, its part of what the
         # node's sources still send after keeping their tokens on their own replicas (the hint's;
         # by demand where they keep everything)
-        node_sum = np.eye(len(self.nodes))[self.node_ix].T  # [K, G]: a [G, E] array's sums per node
         rest = np.maximum(src - y.T, 0.0)  # [G, E] tokens not kept local under the hint
         node_rest = node_sum @ rest
         by_demand = self.cb / np.maximum(self.Db[self.node_ix], 1)
